@@ -1,0 +1,77 @@
+"""Frozen, typed configuration. Invalid combinations fail here, at startup, with a message saying what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from twinbatch.models.hf_config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto' keeps the checkpoint's dtype; without one, bfloat16 on GPU and float32 on CPU."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        name = checkpoint_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported; use 'cpu', 'cuda' or 'auto'")
+    return device
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.num_blocks < 1:
+            raise ValueError(f"block_size ({self.block_size}) and num KV blocks ({self.num_blocks}) must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str | None  # None: the built-in model
+    tokenizer_path: str | None
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device
+    dtype: torch.dtype
+    load_format: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        usable = self.cache.num_blocks - 1  # block 0 takes padding writes
+        if self.scheduler.max_model_len > usable * self.cache.block_size:
+            raise ValueError(
+                f"max_model_len ({self.scheduler.max_model_len}) does not fit in the KV cache "
+                f"({usable} usable blocks x {self.cache.block_size} tokens); lower max_model_len "
+                "or give the cache more memory (num_gpu_blocks_override / kv_cache_memory_bytes)"
+            )

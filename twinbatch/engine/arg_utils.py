@@ -1,0 +1,115 @@
+"""EngineArgs: the user-facing options (vLLM's names), turned into a validated EngineConfig.
+
+The CLI flags are generated from the fields, so an option exists once: `max_num_seqs` is `--max-num-seqs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twinbatch.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
+from twinbatch.models.hf_config import ModelConfig
+from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
+
+_GIB = 1 << 30
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # checkpoint directory or preset name; None: the built-in model
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    load_format: str = "auto"  # auto, safetensors or dummy
+    seed: int = 0
+    device: str = "auto"
+
+    def _resolve_model(self) -> tuple[str | None, ModelConfig, str, str | None]:
+        """-> (checkpoint dir or None, model config, load format, tokenizer path or None for the built-in)."""
+        name = self.model or BUILTIN_MODEL
+        if Path(name).is_dir():
+            load_format = "safetensors" if self.load_format == "auto" else self.load_format
+            return name, ModelConfig.from_pretrained(name), load_format, self.tokenizer or name
+        if name not in PRESETS:
+            raise ValueError(
+                f"model {name!r} is neither a local checkpoint directory nor a built-in preset "
+                f"({', '.join(PRESETS)}); twinbatch does not download models"
+            )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"preset {name!r} has no weight files; use load_format='dummy'")
+        return None, ModelConfig.from_dict(PRESETS[name]), "dummy", self.tokenizer
+
+    def create_engine_config(self) -> EngineConfig:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format={self.load_format!r}; choose auto, safetensors or dummy")
+        model_dir, model_cfg, load_format, tokenizer = self._resolve_model()
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, model_cfg.dtype, device)
+        max_model_len = self.max_model_len or model_cfg.max_position_embeddings
+        default_tokens = 8192 if device.type == "cuda" else 2048
+        sched = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens or default_tokens, max_model_len)
+        num_blocks = self.num_gpu_blocks_override or self._default_num_blocks(model_cfg, sched, dtype, device)
+        return EngineConfig(
+            model_path=model_dir,
+            tokenizer_path=tokenizer,
+            model=model_cfg,
+            cache=CacheConfig(self.block_size, num_blocks),
+            scheduler=sched,
+            device=device,
+            dtype=dtype,
+            load_format=load_format,
+            seed=self.seed,
+        )
+
+    def _default_num_blocks(
+        self, cfg: ModelConfig, sched: SchedulerConfig, dtype: torch.dtype, device: torch.device
+    ) -> int:
+        """Enough blocks for max_num_seqs full-length requests, capped by the KV-cache memory budget:
+        kv_cache_memory_bytes if set; else 2 GiB on CPU, or on GPU the part of gpu_memory_utilization
+        the weights and a 2 GiB activation reserve leave free."""
+        from twinbatch.models.causal_lm import CausalLM
+
+        with torch.device("meta"):
+            meta = CausalLM(cfg, 1)
+        entry = meta.cache_entry_shape()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        block_bytes = self.block_size * cfg.num_hidden_layers * itemsize * int(torch.tensor(entry).prod())
+        budget = self.kv_cache_memory_bytes
+        if budget is None and device.type == "cuda":
+            weights = sum(p.numel() for p in meta.parameters()) * itemsize
+            total = torch.cuda.get_device_properties(device).total_memory
+            budget = int(total * self.gpu_memory_utilization) - weights - 2 * _GIB
+        budget = budget if budget is not None else 2 * _GIB
+        wanted = sched.max_num_seqs * -(-sched.max_model_len // self.block_size) + 1
+        return max(2, min(wanted, budget // block_bytes))
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            parser.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default})")
+
+    @staticmethod
+    def from_cli_args(args: argparse.Namespace) -> EngineArgs:
+        return EngineArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)})
+
+    @staticmethod
+    def from_kwargs(**kwargs: Any) -> EngineArgs:
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return EngineArgs(**kwargs)

@@ -1,0 +1,70 @@
+"""The offline API: `LLM(model=...).generate(prompts, sampling_params)`, as in vLLM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from twinbatch.engine.arg_utils import EngineArgs
+from twinbatch.engine.llm_engine import LLMEngine
+from twinbatch.outputs import RequestOutput
+from twinbatch.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs).create_engine_config())
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; returns one RequestOutput per prompt, in prompt order.
+
+        All prompts are validated before any is queued, so a bad one raises ValueError and changes nothing.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        for p in params:
+            p.verify()
+        for prompt in prompts:
+            engine._validate_prompt(engine._tokenize(prompt)[1])
+        ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            try:
+                while len(finished) < len(ids):
+                    for out in self.llm_engine.step():
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                for i in ids:
+                    self.llm_engine.abort_request(i)
+                raise
+        return [finished[i] for i in ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single list of token ids
+    return prompts

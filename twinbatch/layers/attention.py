@@ -1,0 +1,89 @@
+"""Paged attention over a block-table KV cache: per-step metadata and the reference (any-device) kernel.
+
+KV cache layout, one tensor per layer: [num_blocks, block_size, *entry_shape]. Token slot s lives in block
+s // block_size at offset s % block_size. Block 0 is never given to a request: padding tokens write there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+PADDING_SLOT = 0
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about one forward pass; requests are packed back to back."""
+
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, token offset of each request's new tokens
+    seq_lens: torch.Tensor  # [num_reqs] int32, tokens in the cache after this pass (context + new)
+    block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64, where each new token's KV is written
+    block_size: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @cached_property
+    def host(self) -> tuple[list[int], list[int]]:
+        """(query_start_loc, seq_lens) as Python lists, for the reference kernel's loop."""
+        return self.query_start_loc.tolist(), self.seq_lens.tolist()
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, entries: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, *E] <- entries [num_tokens, *E] at slot_mapping."""
+    cache.view(-1, *cache.shape[2:])[slot_mapping] = entries.to(cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len entries of one request: [seq_len, *E]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+ExpandKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    expand_kv: ExpandKV,
+    scale: float,
+    v_dim: int,
+) -> torch.Tensor:
+    """Causal attention of each request's new queries over its cached context.
+
+    q: [num_tokens, num_heads, qk_dim]; expand_kv turns gathered cache entries [seq_len, *E] into
+    k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim].
+    """
+    starts, seq_lens = meta.host
+    out = q.new_zeros(q.shape[0], q.shape[1], v_dim)  # padding tokens attend to nothing
+    for i, seq_len in enumerate(seq_lens):
+        lo, hi = starts[i], starts[i + 1]
+        if hi == lo:
+            continue
+        k, v = expand_kv(gather_kv(cache, meta.block_tables[i], seq_len))
+        q_pos = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        o = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        out[lo:hi] = o.transpose(0, 1)
+    return out

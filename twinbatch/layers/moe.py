@@ -1,0 +1,104 @@
+"""Mixture-of-experts: the router (DeepSeek V2/V3 and Qwen3 top-k methods), the experts, and the MoE block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twinbatch.layers.mlp import MLP
+from twinbatch.models.hf_config import ModelConfig
+
+
+class Router(nn.Module):
+    """Scores experts in float32 (the checkpoint's gate weight is kept in float32, as in Hugging Face)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [num_tokens, hidden] -> (topk_weights [num_tokens, k] float32, topk_ids [num_tokens, k] int64)."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if cfg.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+            group_scores = self._grouped(choice).topk(2, dim=-1).values.sum(dim=-1)
+            choice = self._mask_groups(choice, group_scores, float("-inf"))
+            topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+            topk_weights = scores.gather(1, topk_ids)
+        else:
+            if cfg.topk_method == "group_limited_greedy":
+                scores = self._mask_groups(scores, self._grouped(scores).amax(dim=-1), 0.0)
+            topk_weights, topk_ids = scores.topk(cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weights * cfg.routed_scaling_factor, topk_ids
+
+    def _grouped(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.view(scores.shape[0], self.cfg.n_group, -1)  # [num_tokens, n_group, experts_per_group]
+
+    def _mask_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
+        """Keeps the experts of each token's topk_group best groups; the rest get `fill`."""
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(self.cfg.topk_group, dim=-1).indices, True)
+        keep = keep[:, :, None].expand(-1, -1, scores.shape[1] // self.cfg.n_group).reshape(scores.shape)
+        return scores.masked_fill(~keep, fill)
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, packed: gate_up_proj [E, 2 * I, H] and down_proj [E, H, I].
+
+    Checkpoints with one tensor per expert are packed into this layout by the loader.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Reference kernel: tokens sorted by expert, one matmul pair per expert that got tokens.
+
+        x [num_tokens, H]; topk_ids [num_tokens, k], ids outside [0, num_experts) are skipped.
+        Returns the routing-weighted sum over each token's experts, [num_tokens, H].
+        """
+        flat_ids = topk_ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids.clamp(0, self.num_experts), minlength=self.num_experts + 1)
+        token_of = order // topk_ids.shape[1]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts[: self.num_experts].tolist()):
+            if count:
+                rows = order[start : start + count]
+                tokens = token_of[start : start + count]
+                gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+                out.index_add_(0, tokens, (y * topk_weights.flatten()[rows, None]).to(x.dtype))
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

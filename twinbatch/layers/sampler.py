@@ -1,0 +1,44 @@
+"""Greedy, temperature, top-k and top-p sampling, with an optional seed per request."""
+
+from __future__ import annotations
+
+import torch
+
+from twinbatch.sampling_params import SamplingParams
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [vocab] -> logits with the tokens outside top-k and the top-p nucleus set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> list[int]:
+    """logits [num_rows, vocab] float32 -> one token id per row.
+
+    Random rows use the exponential-race form of categorical sampling: argmax(p / E), E ~ Exp(1), drawn from
+    the request's own generator when it has a seed.
+    """
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            tokens.append(greedy[i])
+            continue
+        probs = _apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+        gen = generators[i] or default_generator
+        noise = torch.empty_like(probs).exponential_(generator=gen)
+        tokens.append(int((probs / noise).argmax()))
+    return tokens

@@ -1,0 +1,76 @@
+"""The decoder stack shared by every supported architecture; only the attention class differs.
+
+Module names follow Hugging Face (model.layers.N.self_attn / mlp, lm_head), so checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.layers.mlp import MLP
+from twinbatch.layers.moe import MoE
+from twinbatch.layers.norm import RMSNorm
+from twinbatch.layers.rotary import RotaryEmbedding
+from twinbatch.models.deepseek_v2 import DeepseekV2Attention
+from twinbatch.models.hf_config import ModelConfig
+from twinbatch.models.qwen3_moe import Qwen3MoeAttention
+
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
+    "DeepseekV2ForCausalLM": DeepseekV2Attention,
+    "DeepseekV3ForCausalLM": DeepseekV2Attention,
+    "Qwen3MoeForCausalLM": Qwen3MoeAttention,
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = ATTENTION_CLASSES[cfg.architecture](cfg, rotary)
+        self.mlp = MoE(cfg) if cfg.moe_layers[layer_idx] else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        rope_dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim
+        rotary = RotaryEmbedding(cfg.rope, rope_dim, max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        for layer in self.layers:
+            h = layer(h, positions, meta)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Model(cfg, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Returns final hidden states [num_tokens, hidden]; logits are computed only where needed."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [num_rows, vocab]
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def cache_entry_shape(self) -> tuple[int, ...]:
+        return ATTENTION_CLASSES[self.config.architecture].cache_entry_shape(self.config)

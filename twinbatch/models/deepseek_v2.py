@@ -1,0 +1,59 @@
+"""DeepSeek-V2/V3 multi-head latent attention (MLA).
+
+The cache holds, per token, the compressed latent (after kv_a_layernorm) and the rotated rope key:
+[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]. The reference path expands the latent into
+per-head keys and values with kv_b_proj when attending.
+"""
+
+import torch
+from torch import nn
+
+from twinbatch.layers.attention import AttentionMetadata, paged_attention_reference, write_kv
+from twinbatch.layers.norm import RMSNorm
+from twinbatch.layers.rotary import RotaryEmbedding, softmax_scale
+from twinbatch.models.hf_config import ModelConfig
+
+
+class DeepseekV2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = rotary
+        heads, self.qk_head_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.scale = softmax_scale(cfg.rope, self.qk_head_dim)
+        self.kv_cache = torch.empty(0)  # set by the model runner
+
+    @staticmethod
+    def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim,)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cfg, n = self.cfg, x.shape[0]
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(n, cfg.num_attention_heads, self.qk_head_dim)  # [num_tokens, heads, nope + rope]
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
+        write_kv(self.kv_cache, meta.slot_mapping, torch.cat([self.kv_a_layernorm(latent), k_pe[:, 0]], dim=-1))
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = paged_attention_reference(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim)
+        return self.o_proj(out.flatten(1))
+
+    def _expand_kv(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """entries [seq_len, kv_lora_rank + rope] -> k [seq_len, heads, nope + rope], v [seq_len, heads, v]."""
+        cfg = self.cfg
+        latent, k_pe = entries.to(self.kv_b_proj.weight.dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
+        kv = self.kv_b_proj(latent).view(-1, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, cfg.num_attention_heads, -1)], dim=-1)
+        return k, v

@@ -1,0 +1,43 @@
+"""Qwen3-MoE grouped-query attention with per-head RMSNorm on queries and keys.
+
+Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and rope, then values).
+"""
+
+import torch
+from torch import nn
+
+from twinbatch.layers.attention import AttentionMetadata, paged_attention_reference, write_kv
+from twinbatch.layers.norm import RMSNorm
+from twinbatch.layers.rotary import RotaryEmbedding
+from twinbatch.models.hf_config import ModelConfig
+
+
+class Qwen3MoeAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = rotary
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(heads * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.kv_cache = torch.empty(0)  # set by the model runner
+
+    @staticmethod
+    def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
+        return (2, cfg.num_key_value_heads, cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cfg, n = self.cfg, x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(n, cfg.num_attention_heads, cfg.head_dim))
+        k = self.k_norm(self.k_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim))
+        v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = self.rotary(positions, q, k)
+        write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
+        out = paged_attention_reference(
+            q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim
+        )
+        return self.o_proj(out.flatten(1))

@@ -1,0 +1,122 @@
+"""Turns a scheduled batch into model inputs, runs the model, and returns logits of the rows to sample.
+
+Per-step inputs live in persistent buffers sized for the largest step (max_num_batched_tokens tokens,
+max_num_seqs requests); each step's AttentionMetadata is a set of views into them. Later work slices these per
+microbatch and captures them in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from twinbatch.config import EngineConfig
+from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.models.loader import build_model
+from twinbatch.worker.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled], the last new token of each request that samples
+
+
+class InputBuffers:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device) -> None:
+        def buf(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.input_ids = buf(max_tokens, dtype=torch.int64)
+        self.positions = buf(max_tokens, dtype=torch.int64)
+        self.slot_mapping = buf(max_tokens, dtype=torch.int64)
+        self.query_start_loc = buf(max_reqs + 1)
+        self.seq_lens = buf(max_reqs)
+        self.block_tables = buf(max_reqs, max_blocks_per_req)
+        self.logits_indices = buf(max_reqs, dtype=torch.int64)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        sched, cache = config.scheduler, config.cache
+        self.block_size = cache.block_size
+        self.max_blocks_per_req = -(-sched.max_model_len // cache.block_size)
+        max_positions = max(sched.max_model_len, config.model.max_position_embeddings)
+        self.model = build_model(
+            config.model,
+            max_positions,
+            config.dtype,
+            config.device,
+            config.model_path,
+            config.load_format,
+            config.seed,
+        )
+        self.kv_caches = self._allocate_kv_cache()
+        self.buffers = InputBuffers(
+            sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
+        )
+
+    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+        shape = (self.config.cache.num_blocks, self.block_size, *self.model.cache_entry_shape())
+        caches = []
+        for attn in self.model.attention_layers():
+            attn.kv_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
+            caches.append(attn.kv_cache)
+        return caches
+
+    def prepare_inputs(self, batch: SchedulerOutput) -> StepInputs:
+        ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
+        table = torch.zeros(len(batch.scheduled), self.max_blocks_per_req, dtype=torch.int32)
+        for i, s in enumerate(batch.scheduled):
+            req, lo = s.request, s.request.num_computed_tokens
+            hi = lo + s.num_new_tokens
+            ids += req.all_token_ids[lo:hi]
+            positions += range(lo, hi)
+            bs = self.block_size
+            slots += [req.block_ids[p // bs] * bs + p % bs for p in range(lo, hi)]
+            starts.append(starts[-1] + s.num_new_tokens)
+            seq_lens.append(hi)
+            table[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
+            if s.completes_prefill:
+                sample_rows.append(starts[-1] - 1)
+        return self._fill(ids, positions, slots, starts, seq_lens, table, sample_rows)
+
+    def _fill(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        starts: list[int],
+        seq_lens: list[int],
+        table: torch.Tensor,
+        sample_rows: list[int],
+    ) -> StepInputs:
+        b, n, r = self.buffers, len(ids), len(seq_lens)
+
+        def put(dst: torch.Tensor, values: list[int] | torch.Tensor) -> torch.Tensor:
+            src = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dst.dtype)
+            view = dst[: src.shape[0]]
+            view.copy_(src, non_blocking=True)
+            return view
+
+        attn = AttentionMetadata(
+            query_start_loc=put(b.query_start_loc, starts),
+            seq_lens=put(b.seq_lens, seq_lens),
+            block_tables=put(b.block_tables, table),
+            slot_mapping=put(b.slot_mapping, slots),
+            block_size=self.block_size,
+        )
+        assert attn.num_reqs == r and attn.num_tokens == n
+        return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows))
+
+    @torch.inference_mode()
+    def execute_model(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order."""
+        inputs = self.prepare_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        return self.model.compute_logits(hidden[inputs.logits_indices])

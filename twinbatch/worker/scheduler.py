@@ -1,0 +1,116 @@
+"""Continuous batching with chunked prefill and preemption by recomputation.
+
+Each step has a token budget (max_num_batched_tokens). Running requests are served first, oldest first, each
+taking the tokens it has not computed yet (one for a decode, a chunk for a prefill); then waiting requests join
+while budget, max_num_seqs and KV blocks allow. When a running request needs a block and none is free, the
+newest running request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed later from its prompt and the tokens it has generated so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from twinbatch.config import SchedulerConfig
+from twinbatch.engine.request import Request, RequestStatus
+from twinbatch.worker.block_manager import BlockManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes_prefill(self) -> bool:
+        """True when this step computes the request's last known token, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add_request(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                self.block_manager.allocate(req, n)
+                out.scheduled.append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(req, n):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(req, n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Marks the scheduled tokens as computed (their KV is now in the cache)."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Ends a request (stop, length or abort) and returns its blocks."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.block_manager.free(req)
