@@ -55,12 +55,12 @@ def assert_matches_hf(model_dir: Path, llm: LLM, prompts: list[list[int]]) -> in
 
 
 def make_llm(model_dir: Path, **kwargs: object) -> LLM:
-    return LLM(str(model_dir), dtype="float32", max_model_len=128, **kwargs)
+    return LLM(str(model_dir), **{"dtype": "float32", "max_model_len": 128, **kwargs})
 
 
-@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["dsv2_dir", "dsv3_dir", "qwen3_dir"])
 def model_dir(request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue(f"{request.param.replace('deepseek', 'ds').replace('_moe', '')}_dir")
+    return request.getfixturevalue(request.param)
 
 
 def test_prefill_and_decode_match_hf(model_dir: Path) -> None:

@@ -25,11 +25,11 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r} is not supported; use 'cpu', 'cuda' or 'auto'")
     return device
 
 

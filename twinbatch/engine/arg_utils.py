@@ -20,6 +20,10 @@ from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 _GIB = 1 << 30
 
 
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None  # checkpoint directory or preset name; None: the built-in model
@@ -51,16 +55,28 @@ class EngineArgs:
             raise ValueError(f"preset {name!r} has no weight files; use load_format='dummy'")
         return None, ModelConfig.from_dict(PRESETS[name]), "dummy", self.tokenizer
 
-    def create_engine_config(self) -> EngineConfig:
+    def _validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format={self.load_format!r}; choose auto, safetensors or dummy")
+        for name in ("block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
+                     "num_gpu_blocks_override", "kv_cache_memory_bytes"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def create_engine_config(self) -> EngineConfig:
+        self._validate()
         model_dir, model_cfg, load_format, tokenizer = self._resolve_model()
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, model_cfg.dtype, device)
-        max_model_len = self.max_model_len or model_cfg.max_position_embeddings
+        max_model_len = _default(self.max_model_len, model_cfg.max_position_embeddings)
         default_tokens = 8192 if device.type == "cuda" else 2048
-        sched = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens or default_tokens, max_model_len)
-        num_blocks = self.num_gpu_blocks_override or self._default_num_blocks(model_cfg, sched, dtype, device)
+        sched = SchedulerConfig(self.max_num_seqs, _default(self.max_num_batched_tokens, default_tokens), max_model_len)
+        num_blocks = self.num_gpu_blocks_override
+        if num_blocks is None:
+            num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device)
         return EngineConfig(
             model_path=model_dir,
             tokenizer_path=tokenizer,

@@ -64,6 +64,8 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str | dict):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {prompts!r}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single list of token ids
