@@ -99,12 +99,9 @@ def hf_logits(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decode with the KV cache, like generate(), but never stops at eos; returns new tokens only."""
-    model = load_hf(model_dir)
-    input_ids, cache, new = torch.tensor([prompt_ids]), None, []
+    """Greedy decode that never stops at eos; returns new tokens only. A full forward per token (no HF cache),
+    so it works across transformers versions that renamed the cache argument."""
+    model, ids = load_hf(model_dir), list(prompt_ids)
     for _ in range(max_new_tokens):
-        out = model(input_ids, cache=cache, use_cache=True)  # transformers 5.2x renamed past_key_values
-        cache = out.cache
-        new.append(int(out.logits[0, -1].argmax()))
-        input_ids = torch.tensor([[new[-1]]])
-    return new
+        ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]

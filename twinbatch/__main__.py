@@ -1,0 +1,3 @@
+from twinbatch.entrypoints.cli import main
+
+main()
