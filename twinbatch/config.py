@@ -55,6 +55,53 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "all2all", "all2allv")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Data parallelism (one process per DP rank) and expert parallelism (experts split over all DP ranks).
+
+    torchrun-style rendezvous: every process meets at master_addr:master_port; with nnodes > 1 each node
+    starts data_parallel_size // nnodes ranks, node 0 also runs the front end.
+    """
+
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    data_parallel_rank: int = 0  # this process's rank (set in each worker)
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1 or self.nnodes < 1:
+            raise ValueError("data_parallel_size and nnodes must be >= 1")
+        if self.data_parallel_size % self.nnodes:
+            raise ValueError(
+                f"data_parallel_size ({self.data_parallel_size}) must be a multiple of nnodes ({self.nnodes}): "
+                "every node runs the same number of DP ranks"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ValueError(f"all2all_backend={self.all2all_backend!r}; choose one of {', '.join(ALL2ALL_BACKENDS)}")
+
+    @property
+    def ep_size(self) -> int:
+        return self.data_parallel_size if self.enable_expert_parallel else 1
+
+    @property
+    def local_size(self) -> int:
+        """DP ranks per node."""
+        return self.data_parallel_size // self.nnodes
+
+    @property
+    def local_ranks(self) -> range:
+        return range(self.node_rank * self.local_size, (self.node_rank + 1) * self.local_size)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str | None  # None: the built-in model
@@ -66,8 +113,14 @@ class EngineConfig:
     dtype: torch.dtype
     load_format: str
     seed: int
+    parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self) -> None:
+        if self.model.num_experts % self.parallel.ep_size:
+            raise ValueError(
+                f"{self.model.num_experts} routed experts do not split evenly over {self.parallel.ep_size} "
+                "expert-parallel ranks; choose a data_parallel_size that divides the expert count"
+            )
         usable = self.cache.num_blocks - 1  # block 0 takes padding writes
         if self.scheduler.max_model_len > usable * self.cache.block_size:
             raise ValueError(

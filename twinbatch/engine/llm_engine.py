@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
 
 import torch
 
 from twinbatch.config import EngineConfig
+from twinbatch.distributed.parallel_state import ParallelState
+from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.request import Request
 from twinbatch.layers.sampler import sample
 from twinbatch.outputs import CompletionOutput, RequestOutput
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 from twinbatch.worker.block_manager import BlockManager
+from twinbatch.worker.dp_sync import DPSync
 from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
@@ -22,55 +24,32 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None) -> None:
         self.config = config
+        parallel = parallel or ParallelState()
         self.tokenizer = load_tokenizer(config.tokenizer_path)
-        self.model_runner = ModelRunner(config)
+        self.process_input = InputProcessor(self.tokenizer, config.scheduler.max_model_len, config.model.vocab_size)
+        self.model_runner = ModelRunner(config, parallel)
+        self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
+        self.stopped = False  # set when every DP rank agreed to stop
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(config.device).manual_seed(config.seed)
         self._ids = itertools.count()
 
-    def add_request(
-        self, prompt: str | list[int] | dict[str, Any], params: SamplingParams, request_id: str | None = None
-    ) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Validates and queues a request; raises ValueError (and changes nothing) on bad input."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params.verify()
-        text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids)
+        text, token_ids = self.process_input(prompt)
         gen = None if params.seed is None else torch.Generator(self.config.device).manual_seed(params.seed)
         req = Request(request_id, text, token_ids, params, generator=gen)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
         return request_id
-
-    def _tokenize(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer files; pass prompts as lists of token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        max_len, vocab = self.config.scheduler.max_model_len, self.config.model.vocab_size
-        if not token_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(token_ids) >= max_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens but max_model_len is {max_len}; "
-                "shorten the prompt or raise max_model_len"
-            )
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -80,12 +59,18 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns outputs of the requests that produced a token or finished."""
+    def step(self, stop: bool = False) -> list[RequestOutput]:
+        """Runs one scheduled step; returns outputs of the requests that produced a token or finished.
+
+        With data parallelism every rank calls this in lockstep: a rank without work runs a dummy batch while
+        any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
+        """
         batch = self.scheduler.schedule()
-        if batch.is_empty:
+        sync = self.dp_sync.sync(batch.num_tokens, stop)
+        self.stopped = sync.stop
+        if not sync.any_work or sync.stop:
             return []
-        logits = self.model_runner.execute_model(batch)
+        logits = self.model_runner.execute_model(batch, sync.max_tokens)
         self.scheduler.update_after_step(batch)
         return self._process(batch, logits)
 

@@ -41,7 +41,7 @@ class LLM:
         for p in params:
             p.verify()
         for prompt in prompts:
-            engine._validate_prompt(engine._tokenize(prompt)[1])
+            engine.process_input(prompt)
         ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         return self._run(ids, use_tqdm)
 

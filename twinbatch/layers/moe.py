@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from twinbatch.distributed.all2all import make_all2all
+from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.mlp import MLP
 from twinbatch.models.hf_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts this process holds: the rank-th contiguous 1/size of them. With a group, tokens
+    reach them through the chosen all-to-all backend; without one, all experts are local."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+    all2all_backend: str = "allgather_reducescatter"
 
 
 class Router(nn.Module):
@@ -56,16 +72,17 @@ class Experts(nn.Module):
     Checkpoints with one tensor per expert are packed into this layout by the loader.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held here: global ids expert_offset .. expert_offset + num_experts - 1
+        self.expert_offset = expert_offset
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Reference kernel: tokens sorted by expert, one matmul pair per expert that got tokens.
 
-        x [num_tokens, H]; topk_ids [num_tokens, k], ids outside [0, num_experts) are skipped.
+        x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
         Returns the routing-weighted sum over each token's experts, [num_tokens, H].
         """
         flat_ids = topk_ids.flatten()
@@ -86,19 +103,30 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names."""
+    """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Under expert parallelism: route, launch dispatch, run the shared experts while tokens travel, wait, run
+    the local experts, combine.
+    """
+
+    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement) -> None:
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
-        )
+        num_local = cfg.num_experts // placement.size
+        self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size, placement.rank * num_local)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_experts = MLP(cfg.hidden_size, shared) if shared else None
+        group = placement.group
+        self.all2all = make_all2all(placement.all2all_backend, group, cfg.num_experts) if group is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        out = self.experts(x, topk_weights, topk_ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        if self.all2all is None:
+            out = self.experts(x, topk_weights, topk_ids)
+            return out if self.shared_experts is None else out + self.shared_experts(x)
+        handle = self.all2all.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
+        shared = None if self.shared_experts is None else self.shared_experts(x)  # overlaps the dispatch
+        recv = self.all2all.dispatch_wait(handle)
+        self.all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids), handle)
+        out = self.all2all.combine_wait(handle)
+        return out if shared is None else out + shared

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.mlp import MLP
-from twinbatch.layers.moe import MoE
+from twinbatch.layers.moe import ExpertPlacement, MoE
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.deepseek_v2 import DeepseekV2Attention
@@ -25,46 +25,48 @@ ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, placement: ExpertPlacement) -> None:
         super().__init__()
         self.self_attn = ATTENTION_CLASSES[cfg.architecture](cfg, rotary)
-        self.mlp = MoE(cfg) if cfg.moe_layers[layer_idx] else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.moe_layers[layer_idx]
+        self.mlp = MoE(cfg, placement) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, ctx.attn)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, ctx) if self.is_moe else self.mlp(x))
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, placement: ExpertPlacement) -> None:
         super().__init__()
         rope_dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim
         rotary = RotaryEmbedding(cfg.rope, rope_dim, max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, placement) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         for layer in self.layers:
-            h = layer(h, positions, meta)
+            h = layer(h, positions, ctx)
         return self.norm(h)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Model(cfg, max_positions)
+        self.model = Model(cfg, max_positions, placement or ExpertPlacement())
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Returns final hidden states [num_tokens, hidden]; logits are computed only where needed."""
-        return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_rows, vocab]

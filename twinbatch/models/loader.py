@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from twinbatch.layers.moe import Experts
+from twinbatch.layers.moe import ExpertPlacement, Experts
 from twinbatch.models.causal_lm import CausalLM
 from twinbatch.models.hf_config import ModelConfig
 
@@ -47,9 +47,10 @@ def build_model(
     model_dir: str | None,
     load_format: str,
     seed: int,
+    placement: ExpertPlacement | None = None,
 ) -> CausalLM:
     with _default_dtype(dtype), torch.device(device):
-        model = CausalLM(cfg, max_positions)
+        model = CausalLM(cfg, max_positions, placement)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
@@ -60,16 +61,21 @@ def build_model(
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Seeded N(0, 1/fan_in) weights, norms at 1. Each tensor (each expert) has its own seed derived from its
-    name, so the values do not depend on which other tensors a process holds."""
+    name and global expert id, so the values do not depend on which other tensors a process holds."""
+    offsets = {f"{pre}.{p}": m.expert_offset for pre, m in _experts(model).items() for p, _ in m.named_parameters()}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
             continue
         std = 1.0 if "embed_tokens" in name else param.shape[-1] ** -0.5
-        rows = param.data.unbind(0) if param.dim() == 3 else [param.data]  # 3-D: one seed per expert
-        for j, row in enumerate(rows):
+        rows = param.data.unbind(0) if name in offsets else [param.data]  # experts: one seed each
+        for j, row in enumerate(rows, start=offsets.get(name, 0)):
             gen = torch.Generator(param.device).manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}.{j}".encode()))
             row.normal_(0.0, std, generator=gen)
+
+
+def _experts(model: nn.Module) -> dict[str, Experts]:
+    return {prefix: m for prefix, m in model.named_modules() if isinstance(m, Experts)}
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
@@ -83,17 +89,6 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _expected_keys(model: nn.Module, targets: dict[str, torch.Tensor]) -> set[str]:
-    """Checkpoint names that must be present, with packed experts listed one tensor per expert."""
-    keys = set(targets)
-    for prefix, module in model.named_modules():
-        if isinstance(module, Experts):
-            keys -= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-            parts = ("gate_proj", "up_proj", "down_proj")
-            keys |= {f"{prefix}.{j}.{p}.weight" for j in range(module.num_experts) for p in parts}
-    return keys
-
-
 def _copy(key: str, dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
         raise ValueError(
@@ -103,34 +98,69 @@ def _copy(key: str, dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _load_one(key: str, tensor: torch.Tensor, targets: dict[str, torch.Tensor], loaded: set[str]) -> bool:
-    """Copies one checkpoint tensor into place; returns False if the model has no place for it."""
-    match = _EXPERT_KEY.match(key)
-    if match:
-        prefix, j, part = match.group(1), int(match.group(2)), match.group(3)
-        if part == "down_proj":
-            dst = targets[f"{prefix}.down_proj"][j]
+class _Loader:
+    """Copies checkpoint tensors into a model and keeps account of what arrived."""
+
+    _PARTS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, model: CausalLM) -> None:
+        self.targets = {n: p.data for n, p in model.named_parameters()}
+        self.targets |= {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+        self.experts = _experts(model)
+        self.num_experts = model.config.num_experts
+        self.loaded: set[str] = set()
+
+    def expected(self) -> set[str]:
+        """Checkpoint names that must be present, with this process's experts listed one tensor each."""
+        keys = set(self.targets)
+        for prefix, m in self.experts.items():
+            keys -= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            ids = range(m.expert_offset, m.expert_offset + m.num_experts)
+            keys |= {f"{prefix}.{j}.{p}.weight" for j in ids for p in self._PARTS}
+        return keys
+
+    def wants(self, key: str) -> bool:
+        match = _EXPERT_KEY.match(key)
+        if match is None:
+            return key in self.targets
+        m = self.experts.get(match.group(1))
+        return m is not None and 0 <= int(match.group(2)) - m.expert_offset < m.num_experts
+
+    def is_foreign_expert(self, key: str) -> bool:
+        """Another EP rank's expert: known, but not loaded here."""
+        match = _EXPERT_KEY.match(key)
+        return match is not None and match.group(1) in self.experts and not self.wants(key)
+
+    def load(self, key: str, tensor: torch.Tensor) -> None:
+        match = _EXPERT_KEY.match(key)
+        if match:
+            prefix, part = match.group(1), match.group(3)
+            j = int(match.group(2)) - self.experts[prefix].expert_offset
+            if part == "down_proj":
+                dst = self.targets[f"{prefix}.down_proj"][j]
+            else:
+                dst = self.targets[f"{prefix}.gate_up_proj"][j].chunk(2, dim=0)[0 if part == "gate_proj" else 1]
+            _copy(key, dst, tensor)
+        elif key.rsplit(".", 1)[0] in self.experts:  # a packed [num_experts, ...] tensor
+            self._load_packed(key, tensor)
         else:
-            gate_up = targets[f"{prefix}.gate_up_proj"][j]
-            dst = gate_up.chunk(2, dim=0)[0 if part == "gate_proj" else 1]
-        _copy(key, dst, tensor)
-    elif key in targets:
-        _copy(key, targets[key], tensor)
-        if key.endswith("experts.gate_up_proj") or key.endswith("experts.down_proj"):
-            part = ("gate_proj", "up_proj") if key.endswith("gate_up_proj") else ("down_proj",)
-            prefix = key.rsplit(".", 1)[0]
-            loaded |= {f"{prefix}.{j}.{p}.weight" for j in range(tensor.shape[0]) for p in part}
-    else:
-        return False
-    loaded.add(key)
-    return True
+            _copy(key, self.targets[key], tensor)
+        self.loaded.add(key)
+
+    def _load_packed(self, key: str, tensor: torch.Tensor) -> None:
+        prefix, name = key.rsplit(".", 1)
+        m = self.experts[prefix]
+        ids = range(m.expert_offset, m.expert_offset + m.num_experts)
+        if tensor.shape[0] != self.num_experts:
+            raise ValueError(f"weight {key}: {tensor.shape[0]} experts in the checkpoint, {self.num_experts} in config")
+        _copy(key, self.targets[key], tensor[ids.start : ids.stop])
+        parts = ("gate_proj", "up_proj") if name == "gate_up_proj" else ("down_proj",)
+        self.loaded |= {f"{prefix}.{j}.{p}.weight" for j in ids for p in parts}
 
 
 def load_safetensors(model: CausalLM, model_dir: Path) -> None:
-    targets = {n: p.data for n, p in model.named_parameters()}
-    targets |= {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    loader = _Loader(model)
     num_layers = model.config.num_hidden_layers
-    loaded: set[str] = set()
     unexpected: list[str] = []
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -138,13 +168,15 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
                 layer = re.match(r"model\.layers\.(\d+)\.", key)
                 if _IGNORED.search(key) or (layer and int(layer.group(1)) >= num_layers):
                     continue  # e.g. DeepSeek-V3's multi-token-prediction layer
-                if key == "lm_head.weight" and model.config.tie_word_embeddings:
+                if (key == "lm_head.weight" and model.config.tie_word_embeddings) or loader.is_foreign_expert(key):
                     continue
-                if not _load_one(key, f.get_tensor(key), targets, loaded):
+                if loader.wants(key):
+                    loader.load(key, f.get_tensor(key))
+                else:
                     unexpected.append(key)
     if unexpected:
         logger.warning("ignored %d checkpoint tensors the model has no place for: %s", len(unexpected), unexpected[:5])
-    missing = sorted(_expected_keys(model, targets) - loaded)
+    missing = sorted(loader.expected() - loader.loaded)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint {model_dir} is missing weights: {', '.join(missing[:5])}{more}")

@@ -7,14 +7,20 @@ microbatch and captures them in CUDA graphs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from twinbatch.config import EngineConfig
-from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.distributed.parallel_state import ParallelState
+from twinbatch.forward_context import ForwardContext
+from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
+from twinbatch.layers.moe import ExpertPlacement
 from twinbatch.models.loader import build_model
 from twinbatch.worker.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,8 +46,12 @@ class InputBuffers:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None) -> None:
         self.config = config
+        parallel = parallel or ParallelState()
+        placement = ExpertPlacement(
+            parallel.ep_rank, parallel.ep_size, parallel.ep_group, config.parallel.all2all_backend
+        )
         self.device = config.device
         sched, cache = config.scheduler, config.cache
         self.block_size = cache.block_size
@@ -55,11 +65,22 @@ class ModelRunner:
             config.model_path,
             config.load_format,
             config.seed,
+            placement,
         )
+        self._log_expert_memory(placement)
         self.kv_caches = self._allocate_kv_cache()
         self.buffers = InputBuffers(
             sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
         )
+
+    def _log_expert_memory(self, placement: ExpertPlacement) -> None:
+        experts = [p for n, p in self.model.named_parameters() if ".experts." in n]
+        self.expert_bytes = sum(p.numel() * p.element_size() for p in experts)
+        if placement.size > 1:
+            logger.info(
+                "EP rank %d/%d holds %.1f MiB of routed experts (1/%d of %.1f MiB)", placement.rank, placement.size,
+                self.expert_bytes / 2**20, placement.size, placement.size * self.expert_bytes / 2**20,
+            )  # fmt: skip
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         shape = (self.config.cache.num_blocks, self.block_size, *self.model.cache_entry_shape())
@@ -69,7 +90,9 @@ class ModelRunner:
             caches.append(attn.kv_cache)
         return caches
 
-    def prepare_inputs(self, batch: SchedulerOutput) -> StepInputs:
+    def prepare_inputs(self, batch: SchedulerOutput, num_padded_tokens: int = 0) -> StepInputs:
+        """Packs the batch; pads to num_padded_tokens with tokens that belong to no request (they write their
+        KV to the reserved block and their outputs are ignored)."""
         ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
         table = torch.zeros(len(batch.scheduled), self.max_blocks_per_req, dtype=torch.int32)
         for i, s in enumerate(batch.scheduled):
@@ -84,6 +107,8 @@ class ModelRunner:
             table[i, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
             if s.completes_prefill:
                 sample_rows.append(starts[-1] - 1)
+        pad = max(0, num_padded_tokens - len(ids))
+        ids, positions, slots = ids + [0] * pad, positions + [0] * pad, slots + [PADDING_SLOT] * pad
         return self._fill(ids, positions, slots, starts, seq_lens, table, sample_rows)
 
     def _fill(
@@ -115,8 +140,10 @@ class ModelRunner:
         return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows))
 
     @torch.inference_mode()
-    def execute_model(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order."""
-        inputs = self.prepare_inputs(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+    def execute_model(self, batch: SchedulerOutput, max_tokens_across_dp: int | None = None) -> torch.Tensor:
+        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order. An empty batch runs
+        one padding token: the dummy batch of a DP rank without work, so the EP collectives still match."""
+        inputs = self.prepare_inputs(batch, num_padded_tokens=1)
+        ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices])

@@ -1,0 +1,58 @@
+"""`all2all`: fixed-capacity exchange, the "low-latency" style.
+
+Each rank sends every other rank a buffer of max_tokens rows (one per token of the busiest rank), filled with
+the tokens that have at least one expert there; unused rows carry no expert. Slot positions are computed on the
+device (cumulative sums), so nothing waits for the host and the step can be captured in a CUDA graph.
+Per-expert counts travel alongside for kernels that work on a masked per-expert layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
+
+
+class FixedCapacityAll2All(All2AllBackend):
+    def dispatch_launch(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, max_tokens: int
+    ) -> Handle:
+        n, hidden, cap, size = x.shape[0], x.shape[1], max_tokens, self.size
+        owner, mask = self.destinations(topk_ids)  # mask [n, size]
+        ranks = torch.arange(size, device=x.device)
+        # [n, size] row of each (token, destination) pair in the send buffer; pairs not sent go to a spare row
+        target = torch.where(mask, ranks * cap + mask.cumsum(0) - 1, size * cap).flatten()
+        send_x = x.new_zeros(size * cap + 1, hidden)
+        send_x[target] = x[:, None, :].expand(n, size, hidden).reshape(-1, hidden)
+        k = topk_ids.shape[1]
+        send_meta = torch.cat([x.new_full((size * cap + 1, k), self.num_experts, dtype=torch.float32),
+                               x.new_zeros(size * cap + 1, k, dtype=torch.float32)], dim=1)  # fmt: skip
+        pairs = self.routing_for(owner.repeat_interleave(size, 0), topk_ids.repeat_interleave(size, 0),
+                                 topk_weights.repeat_interleave(size, 0), ranks.repeat(n))  # fmt: skip
+        send_meta[target] = pairs
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+        handle = Handle(num_tokens=n, state={"target": target})
+        for name, t in (("x", send_x[:-1]), ("meta", send_meta[:-1]), ("counts", counts)):
+            out = torch.empty_like(t)
+            handle.works.append(dist.all_to_all_single(out, t.contiguous(), group=self.group, async_op=True))
+            handle.state[name] = out
+        return handle
+
+    def dispatch_wait(self, handle: Handle) -> ExpertInput:
+        handle.wait()
+        s = handle.state
+        weights, local_ids = self.split_routing(s["meta"])
+        counts = s["counts"].view(self.size, self.num_local_experts).sum(0)
+        return ExpertInput(s["x"], weights, local_ids, counts)
+
+    def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
+        back = torch.empty_like(expert_out)
+        handle.works.append(dist.all_to_all_single(back, expert_out, group=self.group, async_op=True))
+        handle.state["back"] = back
+
+    def combine_wait(self, handle: Handle) -> torch.Tensor:
+        handle.wait()
+        back = handle.state["back"]
+        rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[handle.state["target"]]
+        return rows.view(handle.num_tokens, self.size, -1).sum(dim=1)
