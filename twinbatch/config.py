@@ -55,7 +55,7 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "all2all", "all2allv")
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "all2all", "all2allv")  # keys of distributed.all2all.BACKENDS
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from twinbatch.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
+from twinbatch.config import (
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_device,
+    resolve_dtype,
+)
 from twinbatch.models.hf_config import ModelConfig
 from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 
@@ -39,6 +47,26 @@ class EngineArgs:
     load_format: str = "auto"  # auto, safetensors or dummy
     seed: int = 0
     device: str = "auto"
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def _parallel_config(self) -> ParallelConfig:
+        """Under torchrun each of its processes is one node of data_parallel_size // WORLD_SIZE ranks; its
+        MASTER_PORT belongs to torchrun's own store, so twinbatch's ranks meet on the next port."""
+        names = [f.name for f in dataclasses.fields(ParallelConfig) if f.name != "data_parallel_rank"]
+        fields = {name: getattr(self, name) for name in names}
+        env = os.environ
+        if "TORCHELASTIC_RUN_ID" in env and self.nnodes == 1 and self.data_parallel_size > 1:
+            fields |= dict(
+                nnodes=int(env["WORLD_SIZE"]), node_rank=int(env["RANK"]), master_addr=env["MASTER_ADDR"],
+                master_port=int(env["MASTER_PORT"]) + 1,
+            )  # fmt: skip
+        return ParallelConfig(**fields)
 
     def _resolve_model(self) -> tuple[str | None, ModelConfig, str, str | None]:
         """-> (checkpoint dir or None, model config, load format, tokenizer path or None for the built-in)."""
@@ -68,6 +96,7 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
+        parallel = self._parallel_config()
         model_dir, model_cfg, load_format, tokenizer = self._resolve_model()
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, model_cfg.dtype, device)
@@ -76,7 +105,7 @@ class EngineArgs:
         sched = SchedulerConfig(self.max_num_seqs, _default(self.max_num_batched_tokens, default_tokens), max_model_len)
         num_blocks = self.num_gpu_blocks_override
         if num_blocks is None:
-            num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device)
+            num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device, parallel.ep_size)
         return EngineConfig(
             model_path=model_dir,
             tokenizer_path=tokenizer,
@@ -87,18 +116,20 @@ class EngineArgs:
             dtype=dtype,
             load_format=load_format,
             seed=self.seed,
+            parallel=parallel,
         )
 
     def _default_num_blocks(
-        self, cfg: ModelConfig, sched: SchedulerConfig, dtype: torch.dtype, device: torch.device
+        self, cfg: ModelConfig, sched: SchedulerConfig, dtype: torch.dtype, device: torch.device, ep_size: int
     ) -> int:
         """Enough blocks for max_num_seqs full-length requests, capped by the KV-cache memory budget:
         kv_cache_memory_bytes if set; else 2 GiB on CPU, or on GPU the part of gpu_memory_utilization
         the weights and a 2 GiB activation reserve leave free."""
+        from twinbatch.layers.moe import ExpertPlacement
         from twinbatch.models.causal_lm import CausalLM
 
         with torch.device("meta"):
-            meta = CausalLM(cfg, 1)
+            meta = CausalLM(cfg, 1, ExpertPlacement(0, ep_size))  # this rank's share of the experts
         entry = meta.cache_entry_shape()
         itemsize = torch.empty(0, dtype=dtype).element_size()
         block_bytes = self.block_size * cfg.num_hidden_layers * itemsize * int(torch.tensor(entry).prod())
@@ -115,6 +146,9 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool":
+                parser.add_argument(flag, action="store_true")
+                continue
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             parser.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default})")
 

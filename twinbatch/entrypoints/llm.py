@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from twinbatch.engine.arg_utils import EngineArgs
+from twinbatch.engine.dp_client import DPEngineClient
 from twinbatch.engine.llm_engine import LLMEngine
 from twinbatch.outputs import RequestOutput
 from twinbatch.sampling_params import SamplingParams
@@ -17,7 +18,20 @@ Prompt = str | list[int] | dict[str, Any]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs).create_engine_config())
+        config = EngineArgs.from_kwargs(model=model, **kwargs).create_engine_config()
+        if config.parallel.node_rank > 0:
+            raise ValueError(
+                "node_rank > 0 runs no front end: start it with `twinbatch generate ... --node-rank N`, "
+                "which serves this node's DP ranks until node 0 finishes"
+            )
+        self.llm_engine: LLMEngine | DPEngineClient = (
+            DPEngineClient(config) if config.parallel.data_parallel_size > 1 else LLMEngine(config)
+        )
+
+    def shutdown(self) -> None:
+        """Stops the DP worker processes, if any (also done at exit)."""
+        if isinstance(self.llm_engine, DPEngineClient):
+            self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

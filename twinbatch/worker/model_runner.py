@@ -86,7 +86,7 @@ class ModelRunner:
         shape = (self.config.cache.num_blocks, self.block_size, *self.model.cache_entry_shape())
         caches = []
         for attn in self.model.attention_layers():
-            attn.kv_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
+            attn.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)  # read only once written
             caches.append(attn.kv_cache)
         return caches
 
