@@ -19,6 +19,7 @@ from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 
 STOP_GRACE_S = 10.0
+EXIT_GRACE_S = 5.0  # on a failure, how long to wait for a dying local rank to show its exit code
 
 
 class DPEngineClient:
@@ -34,7 +35,11 @@ class DPEngineClient:
         with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
             atexit.register(self.shutdown)
-            self._connect(listener)
+            try:
+                self._connect(listener)
+            except RuntimeError as e:
+                hint = "a script that creates an LLM at import time must guard it with `if __name__ == '__main__':`"
+                raise RuntimeError(f"{e}\n(DP ranks are spawned processes: {hint})") from None
 
     def _connect(self, listener: Listener) -> None:
         """Accepts every rank's connection, then waits until each has built its engine."""
@@ -86,7 +91,7 @@ class DPEngineClient:
         for conn in self._wait(list(self.conns.values()), timeout):
             kind, payload, *rest = self._recv(conn)
             if kind == "error":
-                self._check_processes(grace=1.0)  # a rank that died makes its peers fail: name it first
+                self._check_processes(EXIT_GRACE_S, skip=payload)  # a dead rank makes its peers fail: name it
                 self._fail(f"DP rank {payload} failed:\n{rest[0]}")
             for out in payload:
                 if out.finished and self.owner.pop(out.request_id, None) is not None:
@@ -110,13 +115,17 @@ class DPEngineClient:
         try:
             return conn.recv()
         except (EOFError, OSError):
-            self._check_processes()
+            self._check_processes(grace=EXIT_GRACE_S)  # a local rank's socket closes just before its exit shows
             rank = next((r for r, c in self.conns.items() if c is conn), "?")
             self._fail(f"lost the connection to DP rank {rank}")
 
-    def _check_processes(self, grace: float = 0.0) -> None:
-        wait([p.sentinel for p in self.procs.values()], grace)
-        for rank, p in self.procs.items():
+    def _check_processes(self, grace: float = 0.0, skip: int | None = None) -> None:
+        """Fails if a local rank (other than `skip`) has exited, waiting up to `grace` seconds for one to."""
+        procs = {r: p for r, p in self.procs.items() if r != skip}
+        ended = wait([p.sentinel for p in procs.values()], grace)
+        for rank, p in procs.items():
+            if p.sentinel in ended:
+                p.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
             if p.exitcode is not None:
                 self._fail(f"DP rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
 

@@ -12,8 +12,16 @@ from twinbatch.engine.arg_utils import EngineArgs
 def _generate(args: argparse.Namespace) -> None:
     from twinbatch import LLM, SamplingParams
 
+    engine_args = EngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
+    if config.parallel.node_rank > 0:
+        from twinbatch.engine.launcher import run_headless
+
+        sys.exit(run_headless(config))  # serves node 0's front end until it stops
+    if not args.prompt:
+        raise ValueError("give at least one --prompt")
     start = time.perf_counter()
-    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+    llm = LLM(**vars(engine_args))
     loaded = time.perf_counter()
     params = SamplingParams(
         temperature=args.temperature,
@@ -36,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinbatch", description="MoE inference with dual-batch overlap")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
-    gen.add_argument("--prompt", action="append", required=True, help="may be given several times")
+    gen.add_argument("--prompt", action="append", help="may be given several times (not on nodes other than 0)")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -54,3 +62,5 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)  # the engine has already stopped every worker

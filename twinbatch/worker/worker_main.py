@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 import traceback
 from multiprocessing.connection import Client, Connection
@@ -49,6 +50,7 @@ def worker_device(config: EngineConfig, rank: int) -> torch.device:
 def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authkey: bytes) -> None:
     """Process entry point of DP rank `rank`."""
     logging.basicConfig(level=os.environ.get("TWINBATCH_LOG_LEVEL", "WARNING"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the front end, which stops every rank
     conn = connect(address, authkey)
     try:
         config = dataclasses.replace(

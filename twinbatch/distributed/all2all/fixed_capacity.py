@@ -55,4 +55,4 @@ class FixedCapacityAll2All(All2AllBackend):
         handle.wait()
         back = handle.state["back"]
         rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[handle.state["target"]]
-        return rows.view(handle.num_tokens, self.size, -1).sum(dim=1)
+        return rows.view(handle.num_tokens, self.size, back.shape[1]).sum(dim=1)

@@ -1,0 +1,137 @@
+"""Data parallelism with expert parallelism across processes (gloo on 127.0.0.1) against one process."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from twinbatch import LLM, SamplingParams
+from twinbatch.engine.launcher import free_port
+
+PROMPTS = [[5, 17, 42, 7, 99], list(range(30, 47)), [(i * 37) % 250 + 2 for i in range(30)], [9, 8], [3] * 12]
+MAX_TOKENS = [24, 4, 16, 6, 20]  # ranks finish at different steps, then idle while the other decodes
+TEXT = ["Hello", "The capital of France is", "abc"]
+CLI_ARGS = ["--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel", "--max-tokens", "8"]
+
+
+def greedy(llm: LLM, prompts: list, max_tokens: list[int]) -> list[list[int]]:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(dsv2_dir: Path) -> dict[str, list[list[int]]]:
+    llm = LLM(str(dsv2_dir), max_model_len=128)
+    return {"batch": greedy(llm, PROMPTS, MAX_TOKENS), "single": greedy(llm, PROMPTS[2:3], [12])}
+
+
+@pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all", "all2allv"])
+def test_dp2_ep2_matches_one_process(dsv2_dir: Path, reference: dict, backend: str) -> None:
+    llm = LLM(str(dsv2_dir), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
+              all2all_backend=backend)  # fmt: skip
+    try:
+        assert greedy(llm, PROMPTS, MAX_TOKENS) == reference["batch"]
+        assert greedy(llm, PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
+    finally:
+        llm.shutdown()
+
+
+def six_expert_checkpoint(dsv2_dir: Path, tmp_path: Path) -> Path:
+    """The tiny DeepSeek-V2 config with 6 routed experts (3 groups), for three EP ranks; dummy weights."""
+    config = json.loads((dsv2_dir / "config.json").read_text())
+    config |= {"n_routed_experts": 6, "n_group": 3, "topk_group": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_dp3_matches_one_process(dsv2_dir: Path, tmp_path: Path) -> None:
+    model = str(six_expert_checkpoint(dsv2_dir, tmp_path))
+    expected = greedy(LLM(model, load_format="dummy", max_model_len=128), PROMPTS, MAX_TOKENS)
+    llm = LLM(model, load_format="dummy", max_model_len=128, data_parallel_size=3, enable_expert_parallel=True,
+              all2all_backend="all2all")  # fmt: skip
+    try:
+        assert greedy(llm, PROMPTS, MAX_TOKENS) == expected
+    finally:
+        llm.shutdown()
+
+
+def test_experts_must_divide_over_ep_ranks(dsv2_dir: Path) -> None:
+    with pytest.raises(ValueError, match="8 routed experts do not split evenly over 3"):
+        LLM(str(dsv2_dir), data_parallel_size=3, enable_expert_parallel=True)
+
+
+def cli_tokens(args: list[str], **kwargs: object) -> list[str]:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=180, check=True, **kwargs).stdout
+    return re.findall(r"^Tokens: (.*)$", out, flags=re.M)
+
+
+def twinbatch_cli(*args: str) -> list[str]:
+    prompts = [a for p in TEXT for a in ("--prompt", p)]
+    return [sys.executable, "-m", "twinbatch", "generate", *CLI_ARGS, "--ignore-eos", *args, *prompts]
+
+
+def test_two_nodes_match_one_launch() -> None:
+    """Two launcher invocations on one machine, as node 0 and node 1 of a two-node world."""
+    port = str(free_port())
+    nodes = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
+    node1 = subprocess.Popen(
+        twinbatch_cli(*nodes, "--node-rank", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        two_nodes = cli_tokens(twinbatch_cli(*nodes, "--node-rank", "0"))
+        assert node1.wait(timeout=60) == 0  # node 1 leaves when node 0's front end stops it
+    finally:
+        node1.kill()
+    assert len(two_nodes) == 3 and two_nodes == cli_tokens(twinbatch_cli())
+
+
+def test_torchrun_matches_one_launch() -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "twinbatch"]  # fmt: skip
+    under_torchrun = cli_tokens(torchrun + twinbatch_cli()[3:])
+    assert len(under_torchrun) == 3 and under_torchrun == cli_tokens(twinbatch_cli())
+
+
+def test_killed_worker_stops_everything_with_a_clear_error(dsv2_dir: Path) -> None:
+    llm = LLM(str(dsv2_dir), max_model_len=512, data_parallel_size=2, enable_expert_parallel=True)
+    procs = llm.llm_engine.procs
+    threading.Timer(1.0, os.kill, (procs[1].pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"DP rank 1 \(pid \d+\) exited with code -9"):
+        greedy(llm, [[5, 6, 7]] * 4, [400] * 4)
+    assert time.monotonic() - start < 30
+    assert all(not p.is_alive() for p in procs.values())  # no orphans
+
+
+FRONT_END = """
+import os, sys
+from twinbatch import LLM
+llm = LLM(sys.argv[1], max_model_len=64, data_parallel_size=2, enable_expert_parallel=True)
+print(*[p.pid for p in llm.llm_engine.procs.values()], flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_workers_exit_when_the_front_end_dies(dsv2_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", FRONT_END, str(dsv2_dir)], capture_output=True, text=True, timeout=120)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert proc.returncode == -9 and len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, pids))
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit may go unreaped in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
