@@ -47,3 +47,19 @@ def test_deepseek_v2_lite_shapes_on_gpu() -> None:
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert all(len(t) == 8 for t in first)
     assert first == again
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all", "all2allv"])
+def test_dp2_ep2_on_two_gpus_matches_one_gpu(dsv2_dir: Path, backend: str) -> None:
+    """NCCL for the expert all-to-alls, gloo for the per-step DP sync; float32 so the tokens must agree."""
+    from test_data_parallel import MAX_TOKENS, greedy
+    from test_data_parallel import PROMPTS as DP_PROMPTS
+
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128}
+    expected = greedy(LLM(str(dsv2_dir), **kwargs), DP_PROMPTS, MAX_TOKENS)
+    llm = LLM(str(dsv2_dir), data_parallel_size=2, enable_expert_parallel=True, all2all_backend=backend, **kwargs)
+    try:
+        assert greedy(llm, DP_PROMPTS, MAX_TOKENS) == expected
+    finally:
+        llm.shutdown()
