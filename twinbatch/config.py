@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.models.hf_config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,9 +56,6 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "all2all", "all2allv")  # keys of distributed.all2all.BACKENDS
-
-
 @dataclass(frozen=True)
 class ParallelConfig:
     """Data parallelism (one process per DP rank) and expert parallelism (experts split over all DP ranks).
@@ -73,6 +71,10 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    enable_dbo: bool = False
+    ubatch_size: int = 2  # microbatches per step when DBO microbatches
+    dbo_decode_token_threshold: int = 32
+    dbo_prefill_token_threshold: int = 512
     data_parallel_rank: int = 0  # this process's rank (set in each worker)
 
     def __post_init__(self) -> None:
@@ -85,8 +87,28 @@ class ParallelConfig:
             )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
-        if self.all2all_backend not in ALL2ALL_BACKENDS:
-            raise ValueError(f"all2all_backend={self.all2all_backend!r}; choose one of {', '.join(ALL2ALL_BACKENDS)}")
+        if self.all2all_backend not in BACKENDS:
+            raise ValueError(f"all2all_backend={self.all2all_backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.enable_dbo:
+            self._check_dbo()
+
+    def _check_dbo(self) -> None:
+        if self.ep_size < 2:
+            raise ValueError(
+                "enable_dbo overlaps the expert-parallel all-to-alls: it needs --enable-expert-parallel "
+                "and --data-parallel-size 2 or more"
+            )
+        if self.ubatch_size < 2:
+            raise ValueError(f"ubatch_size must be >= 2 microbatches, got {self.ubatch_size}")
+        for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
+            if getattr(self, name) < self.ubatch_size:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) is below ubatch_size ({self.ubatch_size}): every microbatch "
+                    f"needs a token; raise {name} to at least {self.ubatch_size}"
+                )
+        if not BACKENDS[self.all2all_backend].supports_dbo:
+            raise ValueError(f"all2all_backend={self.all2all_backend!r} cannot yield between launch and wait; "
+                             "choose a backend that supports DBO or turn DBO off")  # fmt: skip
 
     @property
     def ep_size(self) -> int:

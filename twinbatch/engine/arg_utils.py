@@ -54,6 +54,10 @@ class EngineArgs:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    enable_dbo: bool = False
+    ubatch_size: int = 2
+    dbo_decode_token_threshold: int = 32
+    dbo_prefill_token_threshold: int = 512
 
     def _parallel_config(self) -> ParallelConfig:
         """Under torchrun each of its processes is one node of data_parallel_size // WORLD_SIZE ranks; its

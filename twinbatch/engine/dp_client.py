@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import threading
 import time
+from collections import Counter
 from multiprocessing.connection import Connection, Listener, wait
 
 from twinbatch.config import EngineConfig
@@ -30,6 +31,7 @@ class DPEngineClient:
         self.conns: dict[int, Connection] = {}
         self.load = dict.fromkeys(range(config.parallel.data_parallel_size), 0)
         self.owner: dict[str, int] = {}
+        self.rank_stats: dict[int, dict] = {}  # the latest LLMEngine.get_stats() of each rank
         self._ids = itertools.count()
         self._closed = False
         with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
@@ -82,6 +84,13 @@ class DPEngineClient:
             with contextlib.suppress(OSError):
                 self.conns[rank].send(("abort", request_id))
 
+    def get_stats(self) -> dict:
+        """Per-rank engine statistics as last reported, and DBO step counts summed over ranks."""
+        dbo: Counter[str] = Counter()
+        for stats in self.rank_stats.values():
+            dbo.update(stats["dbo"])
+        return {"ranks": dict(sorted(self.rank_stats.items())), "dbo": dict(dbo)}
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.owner)
 
@@ -93,9 +102,11 @@ class DPEngineClient:
             if kind == "error":
                 self._check_processes(EXIT_GRACE_S, skip=payload)  # a dead rank makes its peers fail: name it
                 self._fail(f"DP rank {payload} failed:\n{rest[0]}")
+            rank = self._rank_of(conn)
+            self.rank_stats[rank] = rest[0]
             for out in payload:
                 if out.finished and self.owner.pop(out.request_id, None) is not None:
-                    self.load[self._rank_of(conn)] -= 1
+                    self.load[rank] -= 1
             outputs += payload
         return outputs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 
 import torch
 
@@ -15,12 +16,14 @@ from twinbatch.layers.sampler import sample
 from twinbatch.outputs import CompletionOutput, RequestOutput
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
+from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.dp_sync import DPSync
 from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+STATS_LOG_EVERY = 1000  # steps
 
 
 class LLMEngine:
@@ -32,6 +35,7 @@ class LLMEngine:
         self.model_runner = ModelRunner(config, parallel)
         self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
         self.stopped = False  # set when every DP rank agreed to stop
+        self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (dbo.Reason values)
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
@@ -56,6 +60,15 @@ class LLMEngine:
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, "abort")
 
+    def get_stats(self) -> dict:
+        """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view)."""
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+            "dbo": dict(self.dbo_stats),
+        }
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -66,11 +79,20 @@ class LLMEngine:
         any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
         """
         batch = self.scheduler.schedule()
-        sync = self.dp_sync.sync(batch.num_tokens, stop)
+        parallel = self.config.parallel
+        no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
+        sync = self.dp_sync.sync(batch.num_tokens, stop, ubatch_vote=no_vote is None)
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
-        logits = self.model_runner.execute_model(batch, sync.max_tokens)
+        microbatch = False
+        if parallel.enable_dbo:
+            outcome = dbo.decide(no_vote, sync.num_tokens_across_dp, sync.ubatch_votes, parallel.ubatch_size)
+            self.dbo_stats[outcome.value] += 1
+            if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
+                logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
+            microbatch = outcome is dbo.Reason.MICROBATCHED
+        logits = self.model_runner.execute_model(batch, sync.max_tokens, microbatch)
         self.scheduler.update_after_step(batch)
         return self._process(batch, logits)
 

@@ -28,6 +28,10 @@ class LLM:
             DPEngineClient(config) if config.parallel.data_parallel_size > 1 else LLMEngine(config)
         )
 
+    def get_stats(self) -> dict:
+        """Engine statistics (per DP rank with data parallelism), including DBO step counts by outcome."""
+        return self.llm_engine.get_stats()
+
     def shutdown(self) -> None:
         """Stops the DP worker processes, if any (also done at exit)."""
         if isinstance(self.llm_engine, DPEngineClient):

@@ -124,9 +124,7 @@ class MoE(nn.Module):
         if self.all2all is None:
             out = self.experts(x, topk_weights, topk_ids)
             return out if self.shared_experts is None else out + self.shared_experts(x)
-        handle = self.all2all.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
-        shared = None if self.shared_experts is None else self.shared_experts(x)  # overlaps the dispatch
-        recv = self.all2all.dispatch_wait(handle)
-        self.all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids), handle)
-        out = self.all2all.combine_wait(handle)
-        return out if shared is None else out + shared
+        shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else None
+        recv, handle, shared_out = self.all2all.dispatch(x, topk_weights, topk_ids, ctx, shared)
+        out = self.all2all.combine(self.experts(recv.x, recv.topk_weights, recv.local_ids), handle, ctx)
+        return out if shared_out is None else out + shared_out

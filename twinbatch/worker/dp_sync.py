@@ -1,7 +1,8 @@
 """The one small all-reduce every DP rank makes per step, before the model runs.
 
 It carries each rank's token count (so all ranks know whether anyone has work, and how large the all-to-all
-buffers must be) and a stop flag (so all ranks leave their loop on the same step). Ranks with nothing to do
+buffers must be), each rank's vote to microbatch (dual-batch overlap), and a stop flag (so all ranks leave
+their loop on the same step). Ranks with nothing to do
 still call it, and run a dummy batch when anyone has work, so the collectives inside the model always match.
 """
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class StepSync:
     num_tokens_across_dp: list[int]
+    ubatch_votes: list[bool]
     stop: bool
 
     @property
@@ -31,11 +33,12 @@ class DPSync:
     def __init__(self, group: dist.ProcessGroup | None, rank: int, size: int) -> None:
         self.group, self.rank, self.size = group, rank, size
 
-    def sync(self, num_tokens: int, stop: bool = False) -> StepSync:
+    def sync(self, num_tokens: int, stop: bool = False, ubatch_vote: bool = False) -> StepSync:
         if self.group is None:
-            return StepSync([num_tokens], stop)
-        t = torch.zeros(self.size + 1, dtype=torch.int64)  # [tokens of rank 0 .. size-1, stop votes]
-        t[self.rank], t[self.size] = num_tokens, int(stop)
+            return StepSync([num_tokens], [ubatch_vote], stop)
+        n = self.size
+        t = torch.zeros(2 * n + 1, dtype=torch.int64)  # [tokens of each rank, ubatch vote of each rank, stop votes]
+        t[self.rank], t[n + self.rank], t[2 * n] = num_tokens, int(ubatch_vote), int(stop)
         dist.all_reduce(t, group=self.group)
-        counts = t.tolist()
-        return StepSync(counts[: self.size], counts[self.size] > 0)
+        values = t.tolist()
+        return StepSync(values[:n], [bool(v) for v in values[n : 2 * n]], values[2 * n] > 0)

@@ -68,6 +68,11 @@ class ModelRunner:
             placement,
         )
         self._log_expert_memory(placement)
+        self.ubatched = None
+        if config.parallel.enable_dbo:
+            from twinbatch.ubatch.ubatched_forward import UBatchedForward
+
+            self.ubatched = UBatchedForward(self.model, config.parallel.ubatch_size, config.device)
         self.kv_caches = self._allocate_kv_cache()
         self.buffers = InputBuffers(
             sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
@@ -140,10 +145,19 @@ class ModelRunner:
         return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows))
 
     @torch.inference_mode()
-    def execute_model(self, batch: SchedulerOutput, max_tokens_across_dp: int | None = None) -> torch.Tensor:
+    def execute_model(
+        self, batch: SchedulerOutput, max_tokens_across_dp: int | None = None, microbatch: bool = False
+    ) -> torch.Tensor:
         """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order. An empty batch runs
-        one padding token: the dummy batch of a DP rank without work, so the EP collectives still match."""
-        inputs = self.prepare_inputs(batch, num_padded_tokens=1)
-        ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
-        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
+        With `microbatch` (every DP rank decided so), the batch is padded to max_tokens_across_dp and runs as
+        overlapping microbatches."""
+        if microbatch:
+            assert max_tokens_across_dp is not None and self.ubatched is not None
+            inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp)
+            hidden = self.ubatched(inputs)
+        else:
+            inputs = self.prepare_inputs(batch, num_padded_tokens=1)
+            ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices])

@@ -2,7 +2,8 @@
 
 Messages with the front end travel over a multiprocessing connection (pickled tuples):
   front end -> worker: ("add", request_id, prompt, params), ("abort", request_id), ("stop",)
-  worker -> front end: ("ready", rank), ("outputs", [RequestOutput]), ("error", rank, text)
+  worker -> front end: ("ready", rank), ("outputs", [RequestOutput], stats), ("error", rank, text)
+  Stats (LLMEngine.get_stats) ride on outputs, and are sent once more when the rank falls idle.
 """
 
 from __future__ import annotations
@@ -70,15 +71,17 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
 
 
 def _loop(engine: LLMEngine, conn: Connection) -> None:
-    stop = False
+    stop, sent_stats = False, None
     while not engine.stopped:
         idle = not engine.has_unfinished_requests()
         while conn.poll(IDLE_POLL_S if idle and not stop else 0):
             stop |= _handle(engine, conn.recv())
             idle = False
         outputs = engine.step(stop)
-        if outputs:
-            conn.send(("outputs", outputs))
+        stats = engine.get_stats()
+        if outputs or (stats != sent_stats and not engine.has_unfinished_requests()):
+            conn.send(("outputs", outputs, stats))
+            sent_stats = stats
 
 
 def _handle(engine: LLMEngine, msg: tuple) -> bool:

@@ -7,11 +7,15 @@ per-call tensor lives in the handle, so two microbatches can have calls in fligh
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from twinbatch.forward_context import ForwardContext
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Handle:
 
 
 class All2AllBackend(ABC):
+    supports_dbo = True  # its launch and wait halves can be separated by a yield to another microbatch
+
     def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -71,6 +77,28 @@ class All2AllBackend(ABC):
         """Inverse of routing_for on the receiving side -> (weights, local ids)."""
         k = meta.shape[1] // 2
         return meta[:, k:], self.to_local_ids(meta[:, :k].long())
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        ctx: ForwardContext,
+        while_in_flight: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[ExpertInput, Handle, torch.Tensor | None]:
+        """Launch, run `while_in_flight` (the shared experts) and, under DBO, yield to the next microbatch, then
+        wait. Returns the experts' input, the handle for combine, and while_in_flight's result."""
+        handle = self.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
+        extra = while_in_flight() if while_in_flight is not None else None
+        if ctx.ubatch is not None:
+            ctx.ubatch.yield_and_switch_from_compute_to_comm()  # the other microbatch computes meanwhile
+        return self.dispatch_wait(handle), handle, extra
+
+    def combine(self, expert_out: torch.Tensor, handle: Handle, ctx: ForwardContext) -> torch.Tensor:
+        self.combine_launch(expert_out, handle)
+        if ctx.ubatch is not None:
+            ctx.ubatch.yield_and_switch_from_comm_to_compute()
+        return self.combine_wait(handle)
 
     @abstractmethod
     def dispatch_launch(
