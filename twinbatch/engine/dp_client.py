@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.process import BaseProcess
 
 from twinbatch.config import EngineConfig
 from twinbatch.distributed.parallel_state import TIMEOUT_S
@@ -100,7 +101,7 @@ class DPEngineClient:
         for conn in self._wait(list(self.conns.values()), timeout):
             kind, payload, *rest = self._recv(conn)
             if kind == "error":
-                self._check_processes(EXIT_GRACE_S, skip=payload)  # a dead rank makes its peers fail: name it
+                self._check_killed(EXIT_GRACE_S)  # a rank killed outright makes its peers fail: name it first
                 self._fail(f"DP rank {payload} failed:\n{rest[0]}")
             rank = self._rank_of(conn)
             self.rank_stats[rank] = rest[0]
@@ -130,15 +131,23 @@ class DPEngineClient:
             rank = next((r for r, c in self.conns.items() if c is conn), "?")
             self._fail(f"lost the connection to DP rank {rank}")
 
-    def _check_processes(self, grace: float = 0.0, skip: int | None = None) -> None:
-        """Fails if a local rank (other than `skip`) has exited, waiting up to `grace` seconds for one to."""
-        procs = {r: p for r, p in self.procs.items() if r != skip}
-        ended = wait([p.sentinel for p in procs.values()], grace)
-        for rank, p in procs.items():
+    def _check_processes(self, grace: float = 0.0) -> None:
+        """Fails if a local rank has exited, waiting up to `grace` seconds for one to."""
+        for rank, p in self._ended(grace).items():
+            self._fail(f"DP rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
+
+    def _check_killed(self, grace: float) -> None:
+        """Fails naming a local rank that was killed by a signal (it could not report an error itself)."""
+        for rank, p in self._ended(grace).items():
+            if p.exitcode < 0:
+                self._fail(f"DP rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
+
+    def _ended(self, grace: float) -> dict[int, BaseProcess]:
+        ended = wait([p.sentinel for p in self.procs.values()], grace)
+        for p in self.procs.values():
             if p.sentinel in ended:
                 p.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
-            if p.exitcode is not None:
-                self._fail(f"DP rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
+        return {r: p for r, p in self.procs.items() if p.exitcode is not None}
 
     def _fail(self, message: str) -> None:
         self.shutdown()
