@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ def _default(value: int | None, default: int) -> int:
 @dataclass
 class EngineArgs:
     model: str | None = None  # checkpoint directory or preset name; None: the built-in model
+    hf_overrides: str | dict | None = None  # JSON object merged into config.json, e.g. {"num_hidden_layers": 4}
     tokenizer: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -72,12 +74,24 @@ class EngineArgs:
             )  # fmt: skip
         return ParallelConfig(**fields)
 
+    def _overrides(self) -> dict[str, Any]:
+        overrides = self.hf_overrides or {}
+        if isinstance(overrides, str):
+            try:
+                overrides = json.loads(overrides)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"hf_overrides must be a JSON object, e.g. '{{\"num_hidden_layers\": 4}}': {e}"
+                ) from None
+        return overrides
+
     def _resolve_model(self) -> tuple[str | None, ModelConfig, str, str | None]:
         """-> (checkpoint dir or None, model config, load format, tokenizer path or None for the built-in)."""
         name = self.model or BUILTIN_MODEL
         if Path(name).is_dir():
             load_format = "safetensors" if self.load_format == "auto" else self.load_format
-            return name, ModelConfig.from_pretrained(name), load_format, self.tokenizer or name
+            config = ModelConfig.read_config_json(name) | self._overrides()
+            return name, ModelConfig.from_dict(config), load_format, self.tokenizer or name
         if name not in PRESETS:
             raise ValueError(
                 f"model {name!r} is neither a local checkpoint directory nor a built-in preset "
@@ -85,7 +99,7 @@ class EngineArgs:
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"preset {name!r} has no weight files; use load_format='dummy'")
-        return None, ModelConfig.from_dict(PRESETS[name]), "dummy", self.tokenizer
+        return None, ModelConfig.from_dict(PRESETS[name] | self._overrides()), "dummy", self.tokenizer
 
     def _validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):

@@ -53,6 +53,10 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=_generate)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from twinbatch.bench import step
+
+    step.add_parser(bench)
     return parser
 
 

@@ -77,11 +77,15 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) > experts ({self.num_experts})")
 
     @staticmethod
-    def from_pretrained(model_dir: str | Path) -> ModelConfig:
+    def read_config_json(model_dir: str | Path) -> dict[str, Any]:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint directory")
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        return json.loads(path.read_text())
+
+    @staticmethod
+    def from_pretrained(model_dir: str | Path) -> ModelConfig:
+        return ModelConfig.from_dict(ModelConfig.read_config_json(model_dir))
 
     @staticmethod
     def from_dict(cfg: dict[str, Any]) -> ModelConfig:

@@ -1,0 +1,136 @@
+"""`twinbatch bench step`: time one model step with DBO off and on, in one launch, on the same shapes.
+
+Each DP rank is a process (gloo on CPU, NCCL on GPU) that builds the model with dummy weights and a synthetic
+batch: `--tokens-per-rank` decodes at `--context-len`, or one prefill chunk of that many tokens. No scheduler
+and no front end, only ModelRunner.execute_model, so the figures are the model step itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from twinbatch.config import EngineConfig
+from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
+from twinbatch.engine.arg_utils import EngineArgs
+from twinbatch.engine.launcher import free_port
+from twinbatch.engine.request import Request
+from twinbatch.sampling_params import SamplingParams
+from twinbatch.worker.block_manager import BlockManager
+from twinbatch.worker.model_runner import ModelRunner
+from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
+from twinbatch.worker.worker_main import worker_device
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("step", help="time model steps with DBO off and on (dummy weights, synthetic batch)")
+    p.add_argument("--tokens-per-rank", type=int, default=256)
+    p.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    p.add_argument("--context-len", type=int, default=1024, help="cached tokens per decode request")
+    p.add_argument("--num-steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = dataclasses.replace(engine_args, enable_dbo=engine_args.data_parallel_size > 1,
+                                      **_cache_size(args), master_port=free_port())  # fmt: skip
+    config = engine_args.create_engine_config()
+    results = mp.get_context("spawn").SimpleQueue()
+    size = config.parallel.data_parallel_size
+    mp.start_processes(_bench_rank, args=(config, vars(args), results), nprocs=size, start_method="spawn")
+    report = results.get()
+    print(json.dumps(report) if args.json else _table(report))
+
+
+def _cache_size(args: argparse.Namespace) -> dict[str, int]:
+    """A KV cache just large enough for the synthetic batch."""
+    decode = args.phase == "decode"
+    seq = args.context_len + 1 if decode else args.tokens_per_rank  # tokens of one request
+    requests = args.tokens_per_rank if decode else 1
+    blocks = requests * -(-seq // args.block_size) + 1
+    return {"num_gpu_blocks_override": blocks, "max_model_len": seq, "max_num_batched_tokens": args.tokens_per_rank,
+            "max_num_seqs": requests}  # fmt: skip
+
+
+def synthetic_batch(config: EngineConfig, tokens: int, phase: str, context_len: int) -> SchedulerOutput:
+    """decode: `tokens` requests of context_len cached tokens plus one new; prefill: one request of `tokens`."""
+    blocks = BlockManager(config.cache.num_blocks, config.cache.block_size)
+    vocab, params = config.model.vocab_size, SamplingParams(max_tokens=1)
+    shapes = [(context_len, 1)] * tokens if phase == "decode" else [(0, tokens)]
+    out = SchedulerOutput()
+    for i, (cached, new) in enumerate(shapes):
+        req = Request(str(i), None, [(i * 31 + j) % vocab for j in range(cached + new)], params)
+        blocks.allocate(req, cached + new)
+        req.num_computed_tokens = cached
+        out.scheduled.append(ScheduledRequest(req, new))
+    return out
+
+
+def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], results: Any) -> None:
+    parallel = dataclasses.replace(config.parallel, data_parallel_rank=rank)
+    config = dataclasses.replace(config, parallel=parallel, device=worker_device(config, rank))
+    state = init_distributed(config.parallel, config.device)
+    runner = ModelRunner(config, state)
+    for cache in runner.kv_caches:
+        cache.zero_()  # the synthetic context: defined values, not whatever memory held
+    batch = synthetic_batch(config, opts["tokens_per_rank"], opts["phase"], opts["context_len"])
+    modes = {"dbo_off": False, "dbo_on": True} if parallel.enable_dbo else {"single": False}
+    times = {name: _time_steps(runner, batch, ub, state.cpu_group, opts) for name, ub in modes.items()}
+    if rank == 0:
+        results.put(_summary(times, opts, config))
+    destroy_distributed()
+
+
+def _time_steps(runner: ModelRunner, batch: SchedulerOutput, ubatch: bool, group: Any, opts: dict) -> list[float]:
+    times = []
+    for i in range(opts["warmup"] + opts["num_steps"]):
+        if group is not None:
+            dist.barrier(group=group)
+        start = time.perf_counter()
+        runner.execute_model(batch, batch.num_tokens, microbatch=ubatch)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= opts["warmup"]:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) -> dict[str, Any]:
+    def stats(t: list[float]) -> dict[str, float]:
+        q = statistics.quantiles(t, n=10) if len(t) > 1 else t * 9
+        median = statistics.median(t)
+        return {"median_ms": 1e3 * median, "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
+                "tokens_per_s": opts["tokens_per_rank"] * config.parallel.data_parallel_size / median}  # fmt: skip
+
+    report = {name: stats(t) for name, t in times.items()}
+    if "dbo_on" in report:
+        report["speedup"] = report["dbo_off"]["median_ms"] / report["dbo_on"]["median_ms"]
+    report["setup"] = {k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")} | {
+        "dp": config.parallel.data_parallel_size, "backend": config.parallel.all2all_backend,
+        "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
+    }  # fmt: skip
+    return report
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [f"setup: {report['setup']}", f"{'mode':10} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
+    for name in ("single", "dbo_off", "dbo_on"):
+        if name in report:
+            r = report[name]
+            ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f}"
+            lines.append(f"{name:10} {ms} {r['tokens_per_s']:10.0f}")
+    if "speedup" in report:
+        lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x")
+    return "\n".join(lines)
