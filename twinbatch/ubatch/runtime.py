@@ -29,27 +29,35 @@ class _Aborted(Exception):
 
 @dataclass
 class _StepState:
+    """One step's bookkeeping. A thread keeps the state of the step it runs, so a thread still unwinding from a
+    failed step can only ever touch that step, never the next."""
+
     yields: list[int]
     where: list[str]
+    started: list[bool]
     finished: list[bool]
     running: int = 0
     trace: list[tuple[int, str]] = field(default_factory=list)  # (microbatch, yield label), in order
     error: DBOStepError | None = None
 
+    @staticmethod
+    def new(n: int) -> _StepState:
+        return _StepState([0] * n, [""] * n, [False] * n, [False] * n)
+
 
 class UBatchContext:
-    """What one microbatch's code calls to hand the CPU over; explicit per microbatch."""
+    """What one microbatch's code calls to hand the CPU over; explicit per microbatch and per step."""
 
-    def __init__(self, runtime: UBatchRuntime, index: int) -> None:
-        self.runtime, self.index = runtime, index
+    def __init__(self, runtime: UBatchRuntime, index: int, state: _StepState) -> None:
+        self.runtime, self.index, self.state = runtime, index, state
 
     def yield_and_switch_from_compute_to_comm(self, label: str = "dispatch") -> None:
         """After launching a dispatch: let the next microbatch compute while this one's tokens travel."""
-        self.runtime.yield_from(self.index, label)
+        self.runtime.yield_from(self, label)
 
     def yield_and_switch_from_comm_to_compute(self, label: str = "combine") -> None:
         """After launching a combine: let the next microbatch compute while this one's results travel back."""
-        self.runtime.yield_from(self.index, label)
+        self.runtime.yield_from(self, label)
 
 
 class UBatchRuntime:
@@ -61,7 +69,7 @@ class UBatchRuntime:
         self.idle = threading.Condition()  # counts threads parked between steps
         self.num_idle = 0
         self.work: list[Callable[[UBatchContext], None]] = []
-        self.state = _StepState([0] * num_ubatches, [""] * num_ubatches, [False] * num_ubatches)
+        self.state = _StepState.new(num_ubatches)
         self.fault = _parse_fault(os.environ.get("TWINBATCH_DBO_FAULT"))
         self.closed = False
         self.threads = [
@@ -74,35 +82,37 @@ class UBatchRuntime:
     def run(self, work: list[Callable[[UBatchContext], None]]) -> list[tuple[int, str]]:
         """Runs one step: work[i] is microbatch i's forward. Returns the yield trace; raises DBOStepError."""
         assert len(work) == self.n
-        with self.idle:  # after a failed step, let every thread unwind before the next one starts
-            self.idle.wait_for(lambda: self.num_idle == self.n)
+        with self.idle:  # after a failed step, every thread must have unwound before the next one starts
+            if not self.idle.wait_for(lambda: self.num_idle == self.n, TIMEOUT_S):
+                raise DBOStepError(f"a microbatch thread is still stuck in an earlier failed step ({self._where()})")
         self.work = work
-        self.state = _StepState([0] * self.n, [""] * self.n, [False] * self.n)
+        self.state = state = _StepState.new(self.n)
         for event in self.turn:  # a baton left set by the last step's final hand-over would start a thread early
             event.clear()
         self.done.clear()
         self.turn[0].set()
         if not self.done.wait(2 * TIMEOUT_S):
-            self._abort(DBOStepError(f"microbatched step made no progress for {2 * TIMEOUT_S:.0f} s: {self._where()}"))
-        if self.state.error is not None:
-            raise self.state.error
-        return self.state.trace
+            self._abort(state, DBOStepError(f"microbatched step made no progress for {2 * TIMEOUT_S} s: "
+                                            f"{self._where()}"))  # fmt: skip
+        if state.error is not None:
+            raise state.error
+        return state.trace
 
-    def yield_from(self, i: int, label: str) -> None:
-        st = self.state
+    def yield_from(self, ctx: UBatchContext, label: str) -> None:
+        i, st = ctx.index, ctx.state
         st.yields[i] += 1
         st.where[i] = label
         st.trace.append((i, label))
         if self.fault == (i, st.yields[i]):
             raise RuntimeError(f"injected fault (TWINBATCH_DBO_FAULT) at yield {st.yields[i]}")
-        nxt = self._next_unfinished(i)
+        nxt = self._next_unfinished(st, i)
         if nxt is None:
             raise DBOStepError(
                 f"microbatch {i} made yield {st.yields[i]} ({label}) after every other microbatch finished: "
                 f"yield counts differ ({self._where()})"
             )
-        self._pass_baton(i, nxt)
-        self._wait_turn(i)
+        self._pass_baton(st, i, nxt)
+        self._wait_turn(st, i)
 
     def _thread_main(self, i: int) -> None:
         while True:
@@ -114,64 +124,71 @@ class UBatchRuntime:
                 self.num_idle -= 1
             if self.closed:
                 return
+            state = self.state
             try:
-                self._wait_turn(i)
-                self.work[i](UBatchContext(self, i))
-                self._finish(i)
+                self._wait_turn(state, i)
+                state.started[i] = True
+                self.work[i](UBatchContext(self, i, state))
+                self._finish(state, i)
             except _Aborted:
                 pass
             except BaseException as e:  # any failure must end the step, not hang it
-                self._abort(self._describe(i, e))
+                self._abort(state, self._describe(state, i, e), failed=i)
 
-    def _finish(self, i: int) -> None:
-        st = self.state
+    def _finish(self, st: _StepState, i: int) -> None:
+        if st.error is not None:  # the step already failed (e.g. timed out) while this thread still worked
+            raise _Aborted
         st.finished[i] = True
         done_counts = {st.yields[j] for j in range(self.n) if st.finished[j]}
         if len(done_counts) > 1:
             raise DBOStepError(f"microbatch {i} finished after {st.yields[i]} yields: yield counts differ "
                                f"({self._where()})")  # fmt: skip
-        nxt = self._next_unfinished(i)
+        nxt = self._next_unfinished(st, i)
         if nxt is None:
             self.done.set()
         else:
-            self._pass_baton(i, nxt)
+            self._pass_baton(st, i, nxt)
 
-    def _next_unfinished(self, i: int) -> int | None:
+    def _next_unfinished(self, st: _StepState, i: int) -> int | None:
         for k in range(1, self.n):
             j = (i + k) % self.n
-            if not self.state.finished[j]:
+            if not st.finished[j]:
                 return j
         return None
 
-    def _pass_baton(self, i: int, j: int) -> None:
+    def _pass_baton(self, st: _StepState, i: int, j: int) -> None:
         with self.lock:
-            assert self.state.running == i, f"microbatch {i} passed a baton held by {self.state.running}"
-            self.state.running = j
-        self.turn[j].set()
+            if st.error is not None:
+                raise _Aborted
+            assert st.running == i, f"microbatch {i} passed a baton held by {st.running}"
+            st.running = j
+            self.turn[j].set()
 
-    def _wait_turn(self, i: int) -> None:
+    def _wait_turn(self, st: _StepState, i: int) -> None:
         self.turn[i].wait()
         self.turn[i].clear()
-        if self.state.error is not None or self.closed:
+        if st.error is not None or self.closed:
             raise _Aborted
         with self.lock:
-            assert self.state.running == i, f"microbatch {i} woke while {self.state.running} runs"
+            assert st.running == i, f"microbatch {i} woke while {st.running} runs"
 
-    def _describe(self, i: int, e: BaseException) -> DBOStepError:
+    def _describe(self, st: _StepState, i: int, e: BaseException) -> DBOStepError:
         if isinstance(e, DBOStepError):
             return e
-        st = self.state
         where = f"after yield {st.yields[i]} ({st.where[i]})" if st.yields[i] else "before its first yield"
         err = DBOStepError(f"microbatch {i} failed {where}: {type(e).__name__}: {e}")
         err.__cause__ = e
         return err
 
-    def _abort(self, error: DBOStepError) -> None:
+    def _abort(self, st: _StepState, error: DBOStepError, failed: int | None = None) -> None:
+        """Ends the step: wakes the threads waiting inside it (not those parked for a later turn), which unwind."""
         with self.lock:
-            if self.state.error is None:
-                self.state.error = error
-        for event in self.turn:
-            event.set()
+            if st.error is not None:
+                return
+            st.error = error
+            for j in range(self.n):
+                if st.started[j] and not st.finished[j] and j != failed:
+                    self.turn[j].set()
         self.done.set()
 
     def _where(self) -> str:
