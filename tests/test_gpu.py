@@ -63,3 +63,25 @@ def test_dp2_ep2_on_two_gpus_matches_one_gpu(dsv2_dir: Path, backend: str) -> No
         assert greedy(llm, DP_PROMPTS, MAX_TOKENS) == expected
     finally:
         llm.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all", "all2allv"])
+def test_dbo_on_two_gpus_matches_dbo_off(dsv2_dir: Path, backend: str) -> None:
+    from test_data_parallel import greedy
+    from test_dbo import LONG
+
+    prompts, max_tokens = LONG * 2, [8] * 8  # an even load, so decode steps microbatch
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "data_parallel_size": 2,
+              "enable_expert_parallel": True, "all2all_backend": backend}  # fmt: skip
+    off = LLM(str(dsv2_dir), **kwargs)
+    try:
+        expected = greedy(off, prompts, max_tokens)
+    finally:
+        off.shutdown()
+    on = LLM(str(dsv2_dir), enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=2, **kwargs)
+    try:
+        assert greedy(on, prompts, max_tokens) == expected
+        assert on.get_stats()["dbo"].get("microbatched", 0) > 0
+    finally:
+        on.shutdown()
