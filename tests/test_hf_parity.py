@@ -79,18 +79,25 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)
 
 
-def test_prefill_and_decode_match_hf(model_dir: Path) -> None:
-    assert_matches_hf(model_dir, make_llm(model_dir), PROMPTS)
+BACKENDS = pytest.mark.parametrize("attention_backend", ["reference", "batched"])
 
 
-def test_chunked_prefill_matches_hf(model_dir: Path) -> None:
-    llm = make_llm(model_dir, max_num_batched_tokens=8, block_size=4)
+@BACKENDS
+def test_prefill_and_decode_match_hf(model_dir: Path, attention_backend: str) -> None:
+    assert_matches_hf(model_dir, make_llm(model_dir, attention_backend=attention_backend), PROMPTS)
+
+
+@BACKENDS
+def test_chunked_prefill_matches_hf(model_dir: Path, attention_backend: str) -> None:
+    llm = make_llm(model_dir, max_num_batched_tokens=8, block_size=4, attention_backend=attention_backend)
     assert_matches_hf(model_dir, llm, PROMPTS)
 
 
-def test_preemption_matches_hf(model_dir: Path) -> None:
+@BACKENDS
+def test_preemption_matches_hf(model_dir: Path, attention_backend: str) -> None:
     # 3 requests of up to 62 tokens need up to 48 blocks of 4; 24 blocks force recomputation
-    llm = make_llm(model_dir, block_size=4, num_gpu_blocks_override=24, max_model_len=64)
+    llm = make_llm(model_dir, block_size=4, num_gpu_blocks_override=24, max_model_len=64,
+                   attention_backend=attention_backend)  # fmt: skip
     assert assert_matches_hf(model_dir, llm, PROMPTS) > 0
 
 

@@ -124,6 +124,11 @@ class ParallelConfig:
         return range(self.node_rank * self.local_size, (self.node_rank + 1) * self.local_size)
 
 
+# "batched": decode steps in one vectorised pass over padded caches (MLA in the absorbed latent form), no loop
+# over requests and no host synchronisation; prefill and mixed steps keep the reference path.
+ATTENTION_BACKENDS = ("reference", "batched")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str | None  # None: the built-in model
@@ -136,8 +141,12 @@ class EngineConfig:
     load_format: str
     seed: int
     parallel: ParallelConfig = ParallelConfig()
+    attention_backend: str = "reference"  # "reference" (the per-request oracle) or "batched" (decode steps)
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")  # fmt: skip
         if self.model.num_experts % self.parallel.ep_size:
             raise ValueError(
                 f"{self.model.num_experts} routed experts do not split evenly over {self.parallel.ep_size} "

@@ -49,6 +49,7 @@ class EngineArgs:
     load_format: str = "auto"  # auto, safetensors or dummy
     seed: int = 0
     device: str = "auto"
+    attention_backend: str = "auto"  # auto: batched on GPU, reference on CPU
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
@@ -135,7 +136,13 @@ class EngineArgs:
             load_format=load_format,
             seed=self.seed,
             parallel=parallel,
+            attention_backend=self._attention_backend(device),
         )
+
+    def _attention_backend(self, device: torch.device) -> str:
+        if self.attention_backend == "auto":
+            return "batched" if device.type == "cuda" else "reference"
+        return self.attention_backend
 
     def _default_num_blocks(
         self, cfg: ModelConfig, sched: SchedulerConfig, dtype: torch.dtype, device: torch.device, ep_size: int

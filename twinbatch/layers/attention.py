@@ -25,6 +25,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64, where each new token's KV is written
     block_size: int
+    decode_only: bool = False  # every request has exactly one new token: token i belongs to request i
+    max_seq_len: int = 0  # an upper bound of seq_lens, known on the host (sizes the batched kernels)
 
     @property
     def num_reqs(self) -> int:
@@ -87,3 +89,14 @@ def paged_attention_reference(
         )
         out[lo:hi] = o.transpose(0, 1)
     return out
+
+
+def gather_batched(cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every request's cache entries, padded: ([num_reqs, S, *E], key-valid mask [num_reqs, S]); S is
+    max_seq_len rounded up to whole blocks. One gather, no host synchronisation."""
+    bs = cache.shape[1]
+    num_blocks = -(-meta.max_seq_len // bs)
+    blocks = meta.block_tables[:, :num_blocks].long()  # [num_reqs, num_blocks]
+    entries = cache[blocks].flatten(1, 2)  # [num_reqs, num_blocks * bs, *E]
+    positions = torch.arange(num_blocks * bs, device=cache.device)
+    return entries, positions[None, :] < meta.seq_lens[:, None].long()

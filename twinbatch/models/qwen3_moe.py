@@ -6,7 +6,7 @@ Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and 
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import AttentionMetadata, paged_attention_reference, write_kv
+from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.hf_config import ModelConfig
@@ -25,6 +25,7 @@ class Qwen3MoeAttention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.kv_cache = torch.empty(0)  # set by the model runner
+        self.batched_decode = False  # set by the model runner (attention_backend "batched")
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
@@ -37,7 +38,23 @@ class Qwen3MoeAttention(nn.Module):
         v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = self.rotary(positions, q, k)
         write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
-        out = paged_attention_reference(
-            q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim
-        )
+        if self.batched_decode and meta.decode_only:
+            out = self._decode_batched(q, meta)
+        else:
+            out = paged_attention_reference(
+                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim
+            )
         return self.o_proj(out.flatten(1))
+
+    def _decode_batched(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """All requests at once over their padded caches; one token per request, padding tokens get 0."""
+        cfg, r = self.cfg, meta.num_reqs
+        entries, valid = gather_batched(self.kv_cache, meta)  # [reqs, S, 2, kv_heads, head_dim]
+        k, v = entries.to(q.dtype).unbind(2)
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        qg = q[:r].view(r, cfg.num_key_value_heads, group, cfg.head_dim)  # [reqs, kv_heads, group, head_dim]
+        scores = torch.einsum("tkgd,tskd->tkgs", qg, k).float() * cfg.head_dim**-0.5
+        probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).to(v.dtype)
+        out = q.new_zeros(q.shape[0], cfg.num_attention_heads, cfg.head_dim)
+        out[:r] = torch.einsum("tkgs,tskd->tkgd", probs, v).reshape(r, -1, cfg.head_dim)
+        return out

@@ -43,4 +43,6 @@ def split_attention_metadata(attn: AttentionMetadata, s: UBatchSlice) -> Attenti
         block_tables=attn.block_tables[reqs],
         slot_mapping=attn.slot_mapping[lo:hi],
         block_size=attn.block_size,
+        decode_only=attn.decode_only,
+        max_seq_len=attn.max_seq_len,
     )

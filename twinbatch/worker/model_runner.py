@@ -92,6 +92,7 @@ class ModelRunner:
         caches = []
         for attn in self.model.attention_layers():
             attn.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)  # read only once written
+            attn.batched_decode = self.config.attention_backend == "batched"
             caches.append(attn.kv_cache)
         return caches
 
@@ -140,6 +141,8 @@ class ModelRunner:
             block_tables=put(b.block_tables, table),
             slot_mapping=put(b.slot_mapping, slots),
             block_size=self.block_size,
+            decode_only=r > 0 and starts[-1] == r,
+            max_seq_len=max(seq_lens, default=0),
         )
         assert attn.num_reqs == r and attn.num_tokens == n
         return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows))
