@@ -93,10 +93,13 @@ def paged_attention_reference(
 
 def gather_batched(cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """Every request's cache entries, padded: ([num_reqs, S, *E], key-valid mask [num_reqs, S]); S is
-    max_seq_len rounded up to whole blocks. One gather, no host synchronisation."""
+    max_seq_len rounded up to whole blocks. One gather, no host synchronisation. Entries past a request's
+    length are zeroed: unwritten cache memory may hold NaN, and 0 * NaN would leak through the softmax."""
     bs = cache.shape[1]
     num_blocks = -(-meta.max_seq_len // bs)
     blocks = meta.block_tables[:, :num_blocks].long()  # [num_reqs, num_blocks]
     entries = cache[blocks].flatten(1, 2)  # [num_reqs, num_blocks * bs, *E]
     positions = torch.arange(num_blocks * bs, device=cache.device)
-    return entries, positions[None, :] < meta.seq_lens[:, None].long()
+    valid = positions[None, :] < meta.seq_lens[:, None].long()
+    mask = valid.view(*valid.shape, *[1] * (entries.dim() - 2))
+    return entries.masked_fill(~mask, 0), valid
