@@ -82,9 +82,10 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
 BACKENDS = pytest.mark.parametrize("attention_backend", ["reference", "batched"])
 
 
-@BACKENDS
-def test_prefill_and_decode_match_hf(model_dir: Path, attention_backend: str) -> None:
-    assert_matches_hf(model_dir, make_llm(model_dir, attention_backend=attention_backend), PROMPTS)
+@pytest.mark.parametrize(("attention_backend", "moe_backend"), [("reference", "reference"), ("batched", "grouped_mm")])
+def test_prefill_and_decode_match_hf(model_dir: Path, attention_backend: str, moe_backend: str) -> None:
+    llm = make_llm(model_dir, attention_backend=attention_backend, moe_backend=moe_backend)
+    assert_matches_hf(model_dir, llm, PROMPTS)
 
 
 @BACKENDS

@@ -127,6 +127,8 @@ class ParallelConfig:
 # "batched": decode steps in one vectorised pass over padded caches (MLA in the absorbed latent form), no loop
 # over requests and no host synchronisation; prefill and mixed steps keep the reference path.
 ATTENTION_BACKENDS = ("reference", "batched")
+# "grouped_mm": routed experts as two torch._grouped_mm calls over expert-sorted tokens (GPU: bfloat16).
+MOE_BACKENDS = ("reference", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,14 @@ class EngineConfig:
     seed: int
     parallel: ParallelConfig = ParallelConfig()
     attention_backend: str = "reference"  # "reference" (the per-request oracle) or "batched" (decode steps)
+    moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle) or "grouped_mm"
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")  # fmt: skip
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend={self.moe_backend!r}; choose auto or one of {', '.join(MOE_BACKENDS)}")
         if self.model.num_experts % self.parallel.ep_size:
             raise ValueError(
                 f"{self.model.num_experts} routed experts do not split evenly over {self.parallel.ep_size} "

@@ -29,6 +29,11 @@ from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 _GIB = 1 << 30
 
 
+def _auto(choice: str, gpu_choice: str, device: torch.device) -> str:
+    """ "auto" picks the fast path on GPU and the reference path (the tests' oracle) on CPU."""
+    return (gpu_choice if device.type == "cuda" else "reference") if choice == "auto" else choice
+
+
 def _default(value: int | None, default: int) -> int:
     return default if value is None else value
 
@@ -50,6 +55,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     attention_backend: str = "auto"  # auto: batched on GPU, reference on CPU
+    moe_backend: str = "auto"  # auto: grouped_mm on GPU, reference on CPU
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
@@ -136,13 +142,9 @@ class EngineArgs:
             load_format=load_format,
             seed=self.seed,
             parallel=parallel,
-            attention_backend=self._attention_backend(device),
+            attention_backend=_auto(self.attention_backend, "batched", device),
+            moe_backend=_auto(self.moe_backend, "grouped_mm", device),
         )
-
-    def _attention_backend(self, device: torch.device) -> str:
-        if self.attention_backend == "auto":
-            return "batched" if device.type == "cuda" else "reference"
-        return self.attention_backend
 
     def _default_num_blocks(
         self, cfg: ModelConfig, sched: SchedulerConfig, dtype: torch.dtype, device: torch.device, ep_size: int

@@ -76,15 +76,32 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts = num_experts  # held here: global ids expert_offset .. expert_offset + num_experts - 1
         self.expert_offset = expert_offset
+        self.grouped_mm = False  # set by the model runner (moe_backend "grouped_mm")
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Reference kernel: tokens sorted by expert, one matmul pair per expert that got tokens.
+        """x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
+        Returns the routing-weighted sum over each token's experts, [num_tokens, H]."""
+        if x.shape[0] and self.grouped_mm and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+            return self._forward_grouped(x, topk_weights, topk_ids)
+        return self._forward_reference(x, topk_weights, topk_ids)
 
-        x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
-        Returns the routing-weighted sum over each token's experts, [num_tokens, H].
-        """
+    def _forward_grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs over the (token, expert) pairs sorted by expert: no loop, no host synchronisation."""
+        k, flat = topk_ids.shape[1], topk_ids.flatten()
+        order = flat.argsort(stable=True)  # skipped ids (>= num_experts) sort last
+        counts = torch.bincount(flat.clamp(max=self.num_experts), minlength=self.num_experts + 1)
+        offs = counts[: self.num_experts].cumsum(0).to(torch.int32)  # end row of each expert's group
+        tokens = order // k
+        gate, up = torch._grouped_mm(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
+        keep = (flat[order] < self.num_experts)[:, None]  # rows past the last group hold garbage
+        y = torch.where(keep, y * topk_weights.flatten()[order, None], 0.0)
+        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+
+    def _forward_reference(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, one matmul pair per expert that got tokens (reads counts on the host)."""
         flat_ids = topk_ids.flatten()
         order = flat_ids.argsort(stable=True)
         counts = torch.bincount(flat_ids.clamp(0, self.num_experts), minlength=self.num_experts + 1)

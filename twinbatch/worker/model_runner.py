@@ -16,7 +16,7 @@ from twinbatch.config import EngineConfig
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
-from twinbatch.layers.moe import ExpertPlacement
+from twinbatch.layers.moe import ExpertPlacement, Experts
 from twinbatch.models.loader import build_model
 from twinbatch.worker.scheduler import SchedulerOutput
 
@@ -68,6 +68,9 @@ class ModelRunner:
             placement,
         )
         self._log_expert_memory(placement)
+        for m in self.model.modules():
+            if isinstance(m, Experts):
+                m.grouped_mm = config.moe_backend == "grouped_mm"
         self.ubatched = None
         if config.parallel.enable_dbo:
             from twinbatch.ubatch.ubatched_forward import UBatchedForward
