@@ -12,6 +12,8 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from twinbatch.config import EngineConfig
+from twinbatch.distributed.collectives import COLLECTIVES, Collectives
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
@@ -38,11 +41,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--sweep", default=None, help="comma-separated tokens per rank; writes --sweep-png")
+    p.add_argument("--sweep-png", default="dbo_sweep.png")
+    p.add_argument("--profile", default=None, help="directory for a torch.profiler trace of one DBO step (Perfetto)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.sweep is None:
+        report = measure(args)
+        print(json.dumps(report) if args.json else _table(report))
+        return
+    reports = []
+    for tokens in (int(t) for t in args.sweep.split(",")):
+        reports.append(measure(argparse.Namespace(**{**vars(args), "tokens_per_rank": tokens})))
+        print(json.dumps(reports[-1]) if args.json else _table(reports[-1]), flush=True)
+    plot_sweep(reports, args.sweep_png)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One launch of every DP rank; returns rank 0's report."""
     engine_args = EngineArgs.from_cli_args(args)
     engine_args = dataclasses.replace(engine_args, enable_dbo=engine_args.data_parallel_size > 1,
                                       **_cache_size(args), master_port=free_port())  # fmt: skip
@@ -50,8 +69,7 @@ def run(args: argparse.Namespace) -> None:
     results = mp.get_context("spawn").SimpleQueue()
     size = config.parallel.data_parallel_size
     mp.start_processes(_bench_rank, args=(config, vars(args), results), nprocs=size, start_method="spawn")
-    report = results.get()
-    print(json.dumps(report) if args.json else _table(report))
+    return results.get()
 
 
 def _cache_size(args: argparse.Namespace) -> dict[str, int]:
@@ -86,25 +104,59 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], results: 
     for cache in runner.kv_caches:
         cache.zero_()  # the synthetic context: defined values, not whatever memory held
     batch = synthetic_batch(config, opts["tokens_per_rank"], opts["phase"], opts["context_len"])
-    modes = {"dbo_off": False, "dbo_on": True} if parallel.enable_dbo else {"single": False}
-    times = {name: _time_steps(runner, batch, ub, state.cpu_group, opts) for name, ub in modes.items()}
+    times = (
+        _measure_modes(runner, batch, state.cpu_group, opts)
+        if parallel.enable_dbo
+        else {"single": _time(lambda: runner.execute_model(batch, batch.num_tokens), runner, None, opts)}
+    )
     if rank == 0:
         results.put(_summary(times, opts, config))
+    if opts["profile"] and parallel.enable_dbo:
+        _profile(lambda: runner.execute_model(batch, batch.num_tokens, microbatch=True), opts["profile"], rank)
     destroy_distributed()
 
 
-def _time_steps(runner: ModelRunner, batch: SchedulerOutput, ubatch: bool, group: Any, opts: dict) -> list[float]:
+def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict) -> dict[str, list[float]]:
+    """DBO off and on; then the decomposition of the microbatched step: compute only (communication replaced by
+    local copies of the same shapes) and communication only (its recorded collectives, replayed)."""
+
+    def step(ubatch: bool) -> Callable[[], None]:
+        return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch)
+
+    times = {"dbo_off": _time(step(False), runner, group, opts), "dbo_on": _time(step(True), runner, group, opts)}
+    COLLECTIVES.skip = True
+    times["compute_only"] = _time(step(True), runner, group, opts)
+    COLLECTIVES.skip, COLLECTIVES.recording = False, []
+    step(True)()
+    recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
+    times["comm_only"] = _time(lambda: Collectives.replay(recorded), runner, group, opts)
+    return times
+
+
+def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict) -> list[float]:
     times = []
     for i in range(opts["warmup"] + opts["num_steps"]):
         if group is not None:
             dist.barrier(group=group)
         start = time.perf_counter()
-        runner.execute_model(batch, batch.num_tokens, microbatch=ubatch)
+        fn()
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= opts["warmup"]:
             times.append(time.perf_counter() - start)
     return times
+
+
+def _profile(fn: Callable[[], object], directory: str, rank: int) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(Path(directory) / f"dbo_step_rank{rank}.json"))
 
 
 def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) -> dict[str, Any]:
@@ -116,7 +168,11 @@ def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) ->
 
     report = {name: stats(t) for name, t in times.items()}
     if "dbo_on" in report:
-        report["speedup"] = report["dbo_off"]["median_ms"] / report["dbo_on"]["median_ms"]
+        off, on = report["dbo_off"]["median_ms"], report["dbo_on"]["median_ms"]
+        ideal = max(report["compute_only"]["median_ms"], report["comm_only"]["median_ms"])
+        report["speedup"] = off / on
+        report["ideal_ms"] = ideal
+        report["overlap_efficiency"] = (off - on) / (off - ideal) if off > ideal else float("nan")
     report["setup"] = {k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")} | {
         "dp": config.parallel.data_parallel_size, "backend": config.parallel.all2all_backend,
         "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
@@ -125,12 +181,38 @@ def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) ->
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"setup: {report['setup']}", f"{'mode':10} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
-    for name in ("single", "dbo_off", "dbo_on"):
+    lines = [f"setup: {report['setup']}", f"{'mode':12} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
+    for name in ("single", "dbo_off", "dbo_on", "compute_only", "comm_only"):
         if name in report:
             r = report[name]
             ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f}"
-            lines.append(f"{name:10} {ms} {r['tokens_per_s']:10.0f}")
+            lines.append(f"{name:12} {ms} {r['tokens_per_s']:10.0f}")
     if "speedup" in report:
-        lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x")
+        lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
+                     f"{report['ideal_ms']:.2f} ms; overlap efficiency {report['overlap_efficiency']:.0%}")  # fmt: skip
     return "\n".join(lines)
+
+
+def plot_sweep(reports: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--sweep draws its chart with matplotlib: pip install matplotlib") from None
+    tokens = [r["setup"]["tokens_per_rank"] for r in reports]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("dbo_off", "DBO off"), ("dbo_on", "DBO on")):
+        ax.plot(tokens, [r[key]["median_ms"] for r in reports], marker="o", label=label)
+    ax.plot(tokens, [r["ideal_ms"] for r in reports], linestyle="--", label="ideal max(compute, comm)")
+    ax.set(xscale="log", xlabel="tokens per rank", ylabel="median step time (ms)", title=_title(reports[0]))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def _title(report: dict[str, Any]) -> str:
+    s = report["setup"]
+    return f"{s['phase']}, DP={s['dp']} EP={s['dp']}, {s['backend']}, {s['device']}"

@@ -8,9 +8,9 @@ prefill batches, at the cost of one host synchronisation per dispatch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
+from twinbatch.distributed.collectives import COLLECTIVES
 
 
 class All2Allv(All2AllBackend):
@@ -20,14 +20,14 @@ class All2Allv(All2AllBackend):
         owner, mask = self.destinations(topk_ids)
         send_counts = mask.sum(dim=0)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        COLLECTIVES.all_to_all(recv_counts, send_counts, group=self.group, async_op=False)
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
         dest, token = mask.t().nonzero(as_tuple=True)  # pairs ordered by destination, then token
         meta = self.routing_for(owner[token], topk_ids[token], topk_weights[token], dest)
         handle = Handle(num_tokens=x.shape[0], state={"token": token, "send": send_split, "recv": recv_split})
         for name, t in (("x", x[token]), ("meta", meta)):
             out = t.new_empty(sum(recv_split), t.shape[1])
-            handle.works.append(dist.all_to_all_single(out, t, recv_split, send_split, group=self.group, async_op=True))
+            handle.works.append(COLLECTIVES.all_to_all(out, t, recv_split, send_split, group=self.group))
             handle.state[name] = out
         return handle
 
@@ -39,9 +39,7 @@ class All2Allv(All2AllBackend):
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         s = handle.state
         back = expert_out.new_empty(sum(s["send"]), expert_out.shape[1])
-        handle.works.append(
-            dist.all_to_all_single(back, expert_out, s["send"], s["recv"], group=self.group, async_op=True)
-        )
+        handle.works.append(COLLECTIVES.all_to_all(back, expert_out, s["send"], s["recv"], group=self.group))
         s["back"] = back
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:

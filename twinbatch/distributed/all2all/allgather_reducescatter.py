@@ -4,14 +4,10 @@ partial results back onto the tokens' ranks. Simple, and traffic grows with the 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
-
-# torch 2.14 renamed these (the old names warn); torch 2.11 has only the old ones
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+from twinbatch.distributed.collectives import COLLECTIVES
 
 
 class AllGatherReduceScatter(All2AllBackend):
@@ -23,7 +19,7 @@ class AllGatherReduceScatter(All2AllBackend):
         for name, t, fill in (("x", x, 0), ("w", topk_weights, 0), ("ids", topk_ids, self.num_experts)):
             t = F.pad(t, (0, 0, 0, pad), value=fill)  # every rank sends max_tokens rows
             out = t.new_empty(self.size * max_tokens, *t.shape[1:])
-            handle.works.append(_all_gather(out, t.contiguous(), group=self.group, async_op=True))
+            handle.works.append(COLLECTIVES.all_gather(out, t.contiguous(), group=self.group))
             handle.state[name] = out
         return handle
 
@@ -34,7 +30,7 @@ class AllGatherReduceScatter(All2AllBackend):
 
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         out = expert_out.new_empty(handle.state["max_tokens"], expert_out.shape[1])
-        handle.works.append(_reduce_scatter(out, expert_out, group=self.group, async_op=True))
+        handle.works.append(COLLECTIVES.reduce_scatter(out, expert_out, group=self.group))
         handle.state["out"] = out
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:

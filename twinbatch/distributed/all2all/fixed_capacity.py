@@ -9,9 +9,9 @@ Per-expert counts travel alongside for kernels that work on a masked per-expert 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
+from twinbatch.distributed.collectives import COLLECTIVES
 
 
 class FixedCapacityAll2All(All2AllBackend):
@@ -35,7 +35,7 @@ class FixedCapacityAll2All(All2AllBackend):
         handle = Handle(num_tokens=n, state={"target": target})
         for name, t in (("x", send_x[:-1]), ("meta", send_meta[:-1]), ("counts", counts)):
             out = torch.empty_like(t)
-            handle.works.append(dist.all_to_all_single(out, t.contiguous(), group=self.group, async_op=True))
+            handle.works.append(COLLECTIVES.all_to_all(out, t.contiguous(), group=self.group))
             handle.state[name] = out
         return handle
 
@@ -48,7 +48,7 @@ class FixedCapacityAll2All(All2AllBackend):
 
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         back = torch.empty_like(expert_out)
-        handle.works.append(dist.all_to_all_single(back, expert_out, group=self.group, async_op=True))
+        handle.works.append(COLLECTIVES.all_to_all(back, expert_out, group=self.group))
         handle.state["back"] = back
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:
