@@ -161,7 +161,7 @@ def _profile(fn: Callable[[], object], directory: str, rank: int) -> None:
 
 def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) -> dict[str, Any]:
     def stats(t: list[float]) -> dict[str, float]:
-        q = statistics.quantiles(t, n=10) if len(t) > 1 else t * 9
+        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
         median = statistics.median(t)
         return {"median_ms": 1e3 * median, "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
                 "tokens_per_s": opts["tokens_per_rank"] * config.parallel.data_parallel_size / median}  # fmt: skip
