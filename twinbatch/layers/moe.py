@@ -97,8 +97,12 @@ class Experts(nn.Module):
         gate, up = torch._grouped_mm(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
         keep = (flat[order] < self.num_experts)[:, None]  # rows past the last group hold garbage
-        y = torch.where(keep, y * topk_weights.flatten()[order, None], 0.0)
-        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+        y = torch.where(keep, y * topk_weights.flatten()[order, None], 0.0).to(x.dtype)
+        # back to [num_tokens, k] order and a fixed-order sum: an index_add_ of k rows per token would add in
+        # whatever order GPU atomics run, and the low bits (so greedy ties) would change from run to run
+        pairs = torch.empty_like(y)
+        pairs[order] = y
+        return pairs.view(x.shape[0], k, x.shape[1]).sum(dim=1)
 
     def _forward_reference(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, one matmul pair per expert that got tokens (reads counts on the host)."""

@@ -24,7 +24,8 @@ class All2Allv(All2AllBackend):
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
         dest, token = mask.t().nonzero(as_tuple=True)  # pairs ordered by destination, then token
         meta = self.routing_for(owner[token], topk_ids[token], topk_weights[token], dest)
-        handle = Handle(num_tokens=x.shape[0], state={"token": token, "send": send_split, "recv": recv_split})
+        state = {"token": token, "dest": dest, "send": send_split, "recv": recv_split}
+        handle = Handle(num_tokens=x.shape[0], state=state)
         for name, t in (("x", x[token]), ("meta", meta)):
             out = t.new_empty(sum(recv_split), t.shape[1])
             handle.works.append(COLLECTIVES.all_to_all(out, t, recv_split, send_split, group=self.group))
@@ -44,6 +45,9 @@ class All2Allv(All2AllBackend):
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:
         handle.wait()
-        back = handle.state["back"]
-        out = back.new_zeros(handle.num_tokens, back.shape[1])
-        return out.index_add_(0, handle.state["token"], back)
+        s, back = handle.state, handle.state["back"]
+        # each row to its (token, destination) place, then a fixed-order sum over destinations: deterministic,
+        # unlike an index_add_ of several rows into one token (GPU atomics)
+        rows = back.new_zeros(handle.num_tokens * self.size, back.shape[1])
+        rows[s["token"] * self.size + s["dest"]] = back
+        return rows.view(handle.num_tokens, self.size, back.shape[1]).sum(dim=1)
