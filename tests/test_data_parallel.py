@@ -135,3 +135,32 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_ctrl_c_stops_every_process() -> None:
+    cmd = twinbatch_cli("--max-tokens", "3000", "--max-model-len", "4096")
+    front = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children(front.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = children(front.pid)
+        assert len(workers) >= 2  # the DP ranks (and multiprocessing's resource tracker, maybe)
+        time.sleep(3)  # generating
+        front.send_signal(signal.SIGINT)
+        assert front.wait(timeout=30) == 130
+        assert not any(map(running, workers))
+    finally:
+        front.kill()
