@@ -161,6 +161,9 @@ def test_ctrl_c_stops_every_process() -> None:
         time.sleep(3)  # generating
         front.send_signal(signal.SIGINT)
         assert front.wait(timeout=30) == 130
+        deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves once its pipe closes
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not any(map(running, workers))
     finally:
         front.kill()

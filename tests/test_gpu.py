@@ -85,3 +85,32 @@ def test_dbo_on_two_gpus_matches_dbo_off(dsv2_dir: Path, backend: str) -> None:
         assert on.get_stats()["dbo"].get("microbatched", 0) > 0
     finally:
         on.shutdown()
+
+
+@pytest.mark.parametrize("model_fixture", ["dsv2_dir", "qwen3_dir"])
+def test_cuda_graphs_match_hf_and_eager(model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """Decode steps replay as CUDA graphs by default on GPU: float32 logits still match HF within 1e-4."""
+    model_dir = request.getfixturevalue(model_fixture)
+    llm = LLM(str(model_dir), device="cuda", dtype="float32", max_model_len=128)
+    assert_matches_hf(model_dir, llm, PROMPTS)
+    assert llm.llm_engine.model_runner.graphs.graphs  # some were captured and replayed
+    eager = LLM(str(model_dir), device="cuda", dtype="float32", max_model_len=128, enforce_eager=True)
+    assert eager.llm_engine.model_runner.graphs is None
+    assert_matches_hf(model_dir, eager, PROMPTS)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_graphs_with_dp2_ep2(dsv2_dir: Path) -> None:
+    from test_data_parallel import MAX_TOKENS, greedy
+    from test_data_parallel import PROMPTS as DP_PROMPTS
+
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "data_parallel_size": 2,
+              "enable_expert_parallel": True, "all2all_backend": "all2all"}  # fmt: skip
+    results = []
+    for eager in (True, False):
+        llm = LLM(str(dsv2_dir), enforce_eager=eager, **kwargs)
+        try:
+            results.append(greedy(llm, DP_PROMPTS, MAX_TOKENS))
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1]

@@ -145,6 +145,7 @@ class EngineConfig:
     parallel: ParallelConfig = ParallelConfig()
     attention_backend: str = "reference"  # "reference" (the per-request oracle) or "batched" (decode steps)
     moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle) or "grouped_mm"
+    enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -56,6 +56,7 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str = "auto"  # auto: batched on GPU, reference on CPU
     moe_backend: str = "auto"  # auto: grouped_mm on GPU, reference on CPU
+    enforce_eager: bool = False  # turn off CUDA graphs for decode steps
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
@@ -144,6 +145,7 @@ class EngineArgs:
             parallel=parallel,
             attention_backend=_auto(self.attention_backend, "batched", device),
             moe_backend=_auto(self.moe_backend, "grouped_mm", device),
+            enforce_eager=self.enforce_eager,
         )
 
     def _default_num_blocks(

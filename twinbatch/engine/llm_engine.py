@@ -18,7 +18,7 @@ from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.dp_sync import DPSync
+from twinbatch.worker.dp_sync import DPSync, StepSync
 from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
@@ -81,7 +81,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         parallel = self.config.parallel
         no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
-        sync = self.dp_sync.sync(batch.num_tokens, stop, ubatch_vote=no_vote is None)
+        decode_only = all(s.num_new_tokens == 1 for s in batch.scheduled)
+        sync = self.dp_sync.sync(batch.num_tokens, stop, ubatch_vote=no_vote is None, decode_only=decode_only)
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
@@ -92,9 +93,19 @@ class LLMEngine:
             if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
                 logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
             microbatch = outcome is dbo.Reason.MICROBATCHED
-        logits = self.model_runner.execute_model(batch, sync.max_tokens, microbatch)
+        logits = self.model_runner.execute_model(
+            batch, sync.max_tokens, microbatch, self._graph_bucket(sync, microbatch)
+        )
         self.scheduler.update_after_step(batch)
         return self._process(batch, logits)
+
+    def _graph_bucket(self, sync: StepSync, microbatch: bool) -> int | None:
+        """A CUDA-graph step when every rank has only decodes (or nothing) and the batch fits a bucket; the same
+        answer on every rank, from the same synced numbers."""
+        graphs = self.model_runner.graphs
+        if graphs is None or microbatch or not all(sync.decode_only):
+            return None
+        return graphs.batch_bucket(sync.max_tokens)
 
     def _process(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         sampled = [s.request for s in batch.scheduled if s.request.num_computed_tokens == s.request.num_tokens]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinbatch.distributed.all2all import make_all2all
+from twinbatch.distributed.all2all.base import count_ids
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.mlp import MLP
 from twinbatch.models.hf_config import ModelConfig
@@ -91,8 +92,8 @@ class Experts(nn.Module):
         """Two grouped GEMMs over the (token, expert) pairs sorted by expert: no loop, no host synchronisation."""
         k, flat = topk_ids.shape[1], topk_ids.flatten()
         order = flat.argsort(stable=True)  # skipped ids (>= num_experts) sort last
-        counts = torch.bincount(flat.clamp(max=self.num_experts), minlength=self.num_experts + 1)
-        offs = counts[: self.num_experts].cumsum(0).to(torch.int32)  # end row of each expert's group
+        counts = count_ids(flat, self.num_experts)
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
         tokens = order // k
         gate, up = torch._grouped_mm(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]

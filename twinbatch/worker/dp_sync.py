@@ -18,6 +18,7 @@ import torch.distributed as dist
 class StepSync:
     num_tokens_across_dp: list[int]
     ubatch_votes: list[bool]
+    decode_only: list[bool]  # every rank's batch is pure decode (or empty): a CUDA-graph step is possible
     stop: bool
 
     @property
@@ -33,12 +34,14 @@ class DPSync:
     def __init__(self, group: dist.ProcessGroup | None, rank: int, size: int) -> None:
         self.group, self.rank, self.size = group, rank, size
 
-    def sync(self, num_tokens: int, stop: bool = False, ubatch_vote: bool = False) -> StepSync:
+    def sync(
+        self, num_tokens: int, stop: bool = False, ubatch_vote: bool = False, decode_only: bool = False
+    ) -> StepSync:
         if self.group is None:
-            return StepSync([num_tokens], [ubatch_vote], stop)
+            return StepSync([num_tokens], [ubatch_vote], [decode_only], stop)
         n = self.size
-        t = torch.zeros(2 * n + 1, dtype=torch.int64)  # [tokens of each rank, ubatch vote of each rank, stop votes]
-        t[self.rank], t[n + self.rank], t[2 * n] = num_tokens, int(ubatch_vote), int(stop)
+        t = torch.zeros(3 * n + 1, dtype=torch.int64)  # [tokens, ubatch vote, decode only] of each rank, stop votes
+        t[self.rank], t[n + self.rank], t[2 * n + self.rank], t[3 * n] = num_tokens, ubatch_vote, decode_only, stop
         dist.all_reduce(t, group=self.group)
-        values = t.tolist()
-        return StepSync(values[:n], [bool(v) for v in values[n : 2 * n]], values[2 * n] > 0)
+        v = t.tolist()
+        return StepSync(v[:n], [bool(x) for x in v[n : 2 * n]], [bool(x) for x in v[2 * n : 3 * n]], v[3 * n] > 0)

@@ -71,6 +71,11 @@ class ModelRunner:
         for m in self.model.modules():
             if isinstance(m, Experts):
                 m.grouped_mm = config.moe_backend == "grouped_mm"
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and config.parallel.all2all_backend != "all2allv":
+            from twinbatch.worker.graph_runner import GraphRunner  # all2allv reads split sizes on the host
+
+            self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.max_model_len)
         self.ubatched = None
         if config.parallel.enable_dbo:
             from twinbatch.ubatch.ubatched_forward import UBatchedForward
@@ -99,11 +104,15 @@ class ModelRunner:
             caches.append(attn.kv_cache)
         return caches
 
-    def prepare_inputs(self, batch: SchedulerOutput, num_padded_tokens: int = 0) -> StepInputs:
+    def prepare_inputs(
+        self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: bool = False
+    ) -> StepInputs:
         """Packs the batch; pads to num_padded_tokens with tokens that belong to no request (they write their
-        KV to the reserved block and their outputs are ignored)."""
+        KV to the reserved block and their outputs are ignored). With pad_requests (decode graphs), each
+        padding token is a one-token request of its own that reads only the reserved block."""
         ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
-        table = torch.zeros(len(batch.scheduled), self.max_blocks_per_req, dtype=torch.int32)
+        rows = max(len(batch.scheduled), num_padded_tokens if pad_requests else 0)
+        table = torch.zeros(rows, self.max_blocks_per_req, dtype=torch.int32)
         for i, s in enumerate(batch.scheduled):
             req, lo = s.request, s.request.num_computed_tokens
             hi = lo + s.num_new_tokens
@@ -118,6 +127,9 @@ class ModelRunner:
                 sample_rows.append(starts[-1] - 1)
         pad = max(0, num_padded_tokens - len(ids))
         ids, positions, slots = ids + [0] * pad, positions + [0] * pad, slots + [PADDING_SLOT] * pad
+        if pad_requests:
+            starts += range(starts[-1] + 1, starts[-1] + 1 + pad)
+            seq_lens += [1] * pad
         return self._fill(ids, positions, slots, starts, seq_lens, table, sample_rows)
 
     def _fill(
@@ -152,7 +164,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(
-        self, batch: SchedulerOutput, max_tokens_across_dp: int | None = None, microbatch: bool = False
+        self,
+        batch: SchedulerOutput,
+        max_tokens_across_dp: int | None = None,
+        microbatch: bool = False,
+        graph_bucket: int | None = None,
     ) -> torch.Tensor:
         """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order. An empty batch runs
         one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
@@ -162,6 +178,10 @@ class ModelRunner:
             assert max_tokens_across_dp is not None and self.ubatched is not None
             inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp)
             hidden = self.ubatched(inputs)
+        elif graph_bucket is not None:
+            assert self.graphs is not None
+            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=True)
+            hidden = self.graphs.run(graph_bucket, inputs.attn.max_seq_len)
         else:
             inputs = self.prepare_inputs(batch, num_padded_tokens=1)
             ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)

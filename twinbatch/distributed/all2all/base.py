@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from twinbatch.forward_context import ForwardContext
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each id in [0, n) occurs (others are ignored), as a fixed-size [n] tensor. Unlike bincount,
+    whose output size depends on the data, this never waits for the device (CUDA-graph safe)."""
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids.clamp(0, n), torch.ones_like(ids, dtype=torch.int64))
+    return counts[:n]
+
+
 @dataclass
 class ExpertInput:
     """What this rank's experts compute on after dispatch."""

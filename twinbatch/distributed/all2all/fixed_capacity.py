@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
+from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, count_ids
 from twinbatch.distributed.collectives import COLLECTIVES
 
 
@@ -31,7 +31,7 @@ class FixedCapacityAll2All(All2AllBackend):
         pairs = self.routing_for(owner.repeat_interleave(size, 0), topk_ids.repeat_interleave(size, 0),
                                  topk_weights.repeat_interleave(size, 0), ranks.repeat(n))  # fmt: skip
         send_meta[target] = pairs
-        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+        counts = count_ids(topk_ids.flatten(), self.num_experts)
         handle = Handle(num_tokens=n, state={"target": target})
         for name, t in (("x", send_x[:-1]), ("meta", send_meta[:-1]), ("counts", counts)):
             out = torch.empty_like(t)
