@@ -72,8 +72,8 @@ class ModelRunner:
             if isinstance(m, Experts):
                 m.grouped_mm = config.moe_backend == "grouped_mm"
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and config.parallel.all2all_backend != "all2allv":
-            from twinbatch.worker.graph_runner import GraphRunner  # all2allv reads split sizes on the host
+        if self.device.type == "cuda" and not config.enforce_eager and _decode_is_capturable(config):
+            from twinbatch.worker.graph_runner import GraphRunner
 
             self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.max_model_len)
         self.ubatched = None
@@ -187,3 +187,14 @@ class ModelRunner:
             ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+
+def _decode_is_capturable(config: EngineConfig) -> bool:
+    """A decode step can be a CUDA graph only if nothing in it waits for the host: batched attention, grouped-GEMM
+    experts (bfloat16 on GPU) and an all-to-all without host-read split sizes (not all2allv)."""
+    return (
+        config.attention_backend == "batched"
+        and config.moe_backend == "grouped_mm"
+        and config.dtype == torch.bfloat16
+        and config.parallel.all2all_backend != "all2allv"
+    )
