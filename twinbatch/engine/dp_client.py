@@ -4,8 +4,8 @@ rank, and collects outputs. It owns no model. A rank that dies or fails ends eve
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
+import queue
 import threading
 import time
 from collections import Counter
@@ -33,6 +33,7 @@ class DPEngineClient:
         self.load = dict.fromkeys(range(config.parallel.data_parallel_size), 0)
         self.owner: dict[str, int] = {}
         self.rank_stats: dict[int, dict] = {}  # the latest LLMEngine.get_stats() of each rank
+        self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
         self._ids = itertools.count()
         self._closed = False
         with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
@@ -73,7 +74,7 @@ class DPEngineClient:
         params.verify()
         text, token_ids = self.process_input(prompt)
         rank = min(self.load, key=self.load.__getitem__)
-        self.conns[rank].send(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
+        self._send(rank, ("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
         self.owner[request_id] = rank
         self.load[rank] += 1
         return request_id
@@ -82,8 +83,7 @@ class DPEngineClient:
         rank = self.owner.pop(request_id, None)
         if rank is not None:
             self.load[rank] -= 1
-            with contextlib.suppress(OSError):
-                self.conns[rank].send(("abort", request_id))
+            self._send(rank, ("abort", request_id))
 
     def get_stats(self) -> dict:
         """Per-rank engine statistics as last reported, and DBO step counts summed over ranks."""
@@ -91,6 +91,22 @@ class DPEngineClient:
         for stats in self.rank_stats.values():
             dbo.update(stats["dbo"])
         return {"ranks": dict(sorted(self.rank_stats.items())), "dbo": dict(dbo)}
+
+    def _send(self, rank: int, msg: tuple) -> None:
+        """Queues a message for the rank's sender thread. Sending never blocks the front end: a burst of
+        requests cannot fill the pipe while the rank, itself blocked sending outputs, waits to be read."""
+        if rank not in self.outboxes:
+            self.outboxes[rank] = queue.SimpleQueue()
+            threading.Thread(target=self._sender, args=(self.conns[rank], self.outboxes[rank]), daemon=True).start()
+        self.outboxes[rank].put(msg)
+
+    @staticmethod
+    def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
+        while (msg := outbox.get()) is not None:
+            try:
+                conn.send(msg)
+            except OSError:
+                return  # the rank is gone; the receiving side reports it
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.owner)
@@ -158,9 +174,10 @@ class DPEngineClient:
         if self._closed:
             return
         self._closed = True
-        for conn in self.conns.values():
-            with contextlib.suppress(OSError):
-                conn.send(("stop",))
+        for rank in self.conns:
+            self._send(rank, ("stop",))
+        for outbox in self.outboxes.values():
+            outbox.put(None)
         for p in self.procs.values():
             p.join(STOP_GRACE_S)
             if p.is_alive():
