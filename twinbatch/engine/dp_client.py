@@ -4,7 +4,6 @@ rank, and collects outputs. It owns no model. A rank that dies or fails ends eve
 from __future__ import annotations
 
 import atexit
-import itertools
 import queue
 import threading
 import time
@@ -34,7 +33,6 @@ class DPEngineClient:
         self.owner: dict[str, int] = {}
         self.rank_stats: dict[int, dict] = {}  # the latest LLMEngine.get_stats() of each rank
         self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
-        self._ids = itertools.count()
         self._closed = False
         with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
@@ -68,11 +66,7 @@ class DPEngineClient:
                 pending.discard(conn)
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.owner:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params.verify()
-        text, token_ids = self.process_input(prompt)
+        request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.owner)
         rank = min(self.load, key=self.load.__getitem__)
         self._send(rank, ("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
         self.owner[request_id] = rank
@@ -127,8 +121,8 @@ class DPEngineClient:
             outputs += payload
         return outputs
 
-    def _rank_of(self, conn: Connection) -> int:
-        return next(r for r, c in self.conns.items() if c is conn)
+    def _rank_of(self, conn: Connection) -> int | str:
+        return next((r for r, c in self.conns.items() if c is conn), "?")
 
     def _wait(self, conns: list[Connection], timeout: float | None) -> list[Connection]:
         """Waits for messages; a local rank's process exiting counts as a failure."""
@@ -144,8 +138,7 @@ class DPEngineClient:
             return conn.recv()
         except (EOFError, OSError):
             self._check_processes(grace=EXIT_GRACE_S)  # a local rank's socket closes just before its exit shows
-            rank = next((r for r, c in self.conns.items() if c is conn), "?")
-            self._fail(f"lost the connection to DP rank {rank}")
+            self._fail(f"lost the connection to DP rank {self._rank_of(conn)}")
 
     def _check_processes(self, grace: float = 0.0) -> None:
         """Fails if a local rank has exited, waiting up to `grace` seconds for one to."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Container
 from typing import Any
+
+from twinbatch.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -10,6 +14,17 @@ Prompt = str | list[int] | dict[str, Any]
 class InputProcessor:
     def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int) -> None:
         self.tokenizer, self.max_model_len, self.vocab_size = tokenizer, max_model_len, vocab_size
+        self._ids = itertools.count()
+
+    def new_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None, in_use: Container[str]
+    ) -> tuple[str, str | None, list[int]]:
+        """Checks one request before anything is queued -> (request id, prompt text or None, token ids)."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in in_use:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params.verify()
+        return (request_id, *self(prompt))
 
     def __call__(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """-> (prompt text or None, token ids); raises ValueError naming what is wrong."""

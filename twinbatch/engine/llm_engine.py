@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter
 
@@ -40,15 +39,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(config.device).manual_seed(config.seed)
-        self._ids = itertools.count()
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Validates and queues a request; raises ValueError (and changes nothing) on bad input."""
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params.verify()
-        text, token_ids = self.process_input(prompt)
+        request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.requests)
         gen = None if params.seed is None else torch.Generator(self.config.device).manual_seed(params.seed)
         req = Request(request_id, text, token_ids, params, generator=gen)
         self.requests[request_id] = req
