@@ -117,3 +117,78 @@ def test_cuda_graphs_with_dp2_ep2(dsv2_dir: Path) -> None:
         finally:
             llm.shutdown()
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize(
+    ("backend", "dtype", "reference_dbo"),
+    [("allgather_reducescatter", "float32", False), ("all2all", "float32", False), ("all2all", "bfloat16", True)],
+)
+def test_dbo_cuda_graphs_match_eager(dsv2_dir: Path, backend: str, dtype: str, reference_dbo: bool) -> None:
+    """Microbatched decode steps captured whole (threads during capture, one graph on replay) give the tokens of
+    eager steps with DBO off (float32), and exactly those of eager DBO steps (bfloat16: the same microbatch shapes,
+    whereas DBO off multiplies matrices of other shapes, whose bfloat16 rounding may flip a greedy tie)."""
+    from test_data_parallel import greedy
+    from test_dbo import LONG
+
+    prompts, max_tokens = LONG * 2, [8] * 8  # an even load, so decode steps microbatch
+    dbo = {"enable_dbo": True, "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2}
+    kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 128, "data_parallel_size": 2,
+              "enable_expert_parallel": True, "all2all_backend": backend}  # fmt: skip
+    eager = LLM(str(dsv2_dir), enforce_eager=True, **kwargs, **(dbo if reference_dbo else {}))
+    try:
+        expected = greedy(eager, prompts, max_tokens)
+    finally:
+        eager.shutdown()
+    graphs = LLM(str(dsv2_dir), **kwargs, **dbo)
+    try:
+        assert greedy(graphs, prompts, max_tokens) == expected
+        for stats in graphs.get_stats()["ranks"].values():
+            assert stats["dbo"].get("microbatched", 0) > 0
+            assert any(microbatched for _, _, microbatched in stats["cuda_graphs"])
+    finally:
+        graphs.shutdown()
+
+
+def _recapture_rank(rank: int, config: object, results: object) -> None:
+    import dataclasses
+
+    from twinbatch.bench.step import synthetic_batch
+    from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
+    from twinbatch.worker.model_runner import ModelRunner
+    from twinbatch.worker.worker_main import worker_device
+
+    parallel = dataclasses.replace(config.parallel, data_parallel_rank=rank)
+    config = dataclasses.replace(config, parallel=parallel, device=worker_device(config, rank))
+    state = init_distributed(config.parallel, config.device)
+    runner = ModelRunner(config, state)
+    batch = synthetic_batch(config, 8, "decode", 40)
+    allocated = []
+    for _ in range(4):
+        runner.graphs.clear()
+        runner.execute_model(batch, 8, microbatch=True, graph_bucket=8)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated(config.device))
+    assert len(runner.graphs.graphs) == 1
+    results.put((rank, allocated))
+    runner.graphs.clear()
+    destroy_distributed()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_dbo_graph_recapture_does_not_leak_memory() -> None:
+    import torch.multiprocessing as mp
+
+    from twinbatch.engine.arg_utils import EngineArgs
+    from twinbatch.engine.launcher import free_port
+
+    config = EngineArgs(
+        device="cuda", dtype="bfloat16", load_format="dummy", data_parallel_size=2, enable_expert_parallel=True,
+        enable_dbo=True, all2all_backend="all2all", max_model_len=64, max_num_seqs=8, num_gpu_blocks_override=64,
+        master_port=free_port(),
+    ).create_engine_config()  # fmt: skip
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_recapture_rank, args=(config, results), nprocs=2, start_method="spawn")
+    for _ in range(2):
+        rank, allocated = results.get()
+        assert allocated[1:] == allocated[:1] * 3, f"rank {rank}: memory after each re-capture {allocated}"

@@ -43,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--sweep", default=None, help="comma-separated tokens per rank; writes --sweep-png")
     p.add_argument("--sweep-png", default="dbo_sweep.png")
+    p.add_argument("--hbm-bandwidth-gbs", type=float, default=None, help="for the roofline (default: by GPU model)")
     p.add_argument("--profile", default=None, help="directory for a torch.profiler trace of one DBO step (Perfetto)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
@@ -110,31 +111,68 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], results: 
         else {"single": _time(lambda: runner.execute_model(batch, batch.num_tokens), runner, None, opts)}
     )
     if rank == 0:
-        results.put(_summary(times, opts, config))
+        report = _summary(times, opts, config)
+        bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
+        if bandwidth and opts["phase"] == "decode":
+            report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
+            report["compute_only_vs_roofline"] = report["compute_only"]["median_ms"] / report["hbm_roofline_ms"]
+        results.put(report)
     if opts["profile"] and parallel.enable_dbo:
         _profile(lambda: runner.execute_model(batch, batch.num_tokens, microbatch=True), opts["profile"], rank)
     destroy_distributed()
 
 
 def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict) -> dict[str, list[float]]:
-    """DBO off and on; then the decomposition of the microbatched step: compute only (communication replaced by
-    local copies of the same shapes) and communication only (its recorded collectives, replayed)."""
+    """DBO off and on, as CUDA graphs where the step is a graph-eligible decode (and eagerly too); then the
+    decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
+    on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
+    bucket = runner.graphs.batch_bucket(batch.num_tokens) if runner.graphs and opts["phase"] == "decode" else None
 
-    def step(ubatch: bool) -> Callable[[], None]:
-        return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch)
+    def step(ubatch: bool, graph: bool = True) -> Callable[[], None]:
+        b = bucket if graph else None
+        return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph_bucket=b)
 
     times = {"dbo_off": _time(step(False), runner, group, opts), "dbo_on": _time(step(True), runner, group, opts)}
-    bucket = runner.graphs.batch_bucket(batch.num_tokens) if runner.graphs and opts["phase"] == "decode" else None
-    if bucket is not None:  # the decode step replayed as one CUDA graph (DBO off)
-        graph_step = lambda: runner.execute_model(batch, batch.num_tokens, graph_bucket=bucket)  # noqa: E731
-        times["dbo_off_graph"] = _time(graph_step, runner, group, opts)
+    if bucket is not None:
+        times["dbo_off_eager"] = _time(step(False, graph=False), runner, group, opts)
+        times["dbo_on_eager"] = _time(step(True, graph=False), runner, group, opts)
+        runner.graphs.clear()  # the compute-only steps are captured anew, without communication
     COLLECTIVES.skip = True
-    times["compute_only"] = _time(step(True), runner, group, opts)
+    times["compute_only"] = _time(step(False), runner, group, opts)
+    times["compute_only_dbo"] = _time(step(True), runner, group, opts)
     COLLECTIVES.skip, COLLECTIVES.recording = False, []
-    step(True)()
+    if bucket is not None:
+        runner.graphs.clear()
+    step(True, graph=False)()
     recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
     times["comm_only"] = _time(lambda: Collectives.replay(recorded), runner, group, opts)
     return times
+
+
+def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: float) -> float:
+    """The least time one step can take on this rank if every byte it must read crosses HBM once: every
+    parameter (the embedding only for its looked-up rows; all local experts, which a large batch hits) plus
+    every cached KV entry the decodes attend to."""
+    model = runner.model
+    embed = model.model.embed_tokens.weight
+    tied = embed is model.lm_head.weight
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+    params += 0 if tied else batch.num_tokens * embed.shape[1] * embed.element_size()
+    kv = sum(s.request.num_computed_tokens + s.num_new_tokens for s in batch.scheduled) * sum(
+        c[0, 0].numel() * c.element_size() for c in runner.kv_caches
+    )
+    return 1e3 * (params + kv) / (bandwidth_gbs * 1e9)
+
+
+def _hbm_bandwidth_gbs(device: torch.device, override: float | None) -> float | None:
+    """Peak HBM bandwidth by GPU model (data sheets), unless given."""
+    if override or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in HBM_GBS.items() if key in name), None)
+
+
+HBM_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100": 3350.0, "H20": 4000.0, "A100": 2039.0}
 
 
 def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict) -> list[float]:
@@ -173,7 +211,7 @@ def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) ->
     report = {name: stats(t) for name, t in times.items()}
     if "dbo_on" in report:
         off, on = report["dbo_off"]["median_ms"], report["dbo_on"]["median_ms"]
-        ideal = max(report["compute_only"]["median_ms"], report["comm_only"]["median_ms"])
+        ideal = max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])
         report["speedup"] = off / on
         report["ideal_ms"] = ideal
         report["overlap_efficiency"] = (off - on) / (off - ideal) if off > ideal else float("nan")
@@ -186,7 +224,8 @@ def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) ->
 
 def _table(report: dict[str, Any]) -> str:
     lines = [f"setup: {report['setup']}", f"{'mode':14} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
-    for name in ("single", "dbo_off", "dbo_off_graph", "dbo_on", "compute_only", "comm_only"):
+    for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
+                 "comm_only"):  # fmt: skip
         if name in report:
             r = report[name]
             ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f}"
@@ -194,6 +233,9 @@ def _table(report: dict[str, Any]) -> str:
     if "speedup" in report:
         lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
                      f"{report['ideal_ms']:.2f} ms; overlap efficiency {report['overlap_efficiency']:.0%}")  # fmt: skip
+    if "hbm_roofline_ms" in report:
+        lines.append(f"HBM roofline {report['hbm_roofline_ms']:.2f} ms; compute only (DBO off) is "
+                     f"{report['compute_only_vs_roofline']:.2f}x of it")  # fmt: skip
     return "\n".join(lines)
 
 

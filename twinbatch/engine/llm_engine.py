@@ -55,12 +55,14 @@ class LLMEngine:
             self.scheduler.finish(req, "abort")
 
     def get_stats(self) -> dict:
-        """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view)."""
+        """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
+        `cuda_graphs` lists the captured decode graphs as (batch bucket, context bucket, microbatched)."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage,
             "dbo": dict(self.dbo_stats),
+            "cuda_graphs": sorted(self.model_runner.graphs.graphs) if self.model_runner.graphs else [],
         }
 
     def has_unfinished_requests(self) -> bool:
@@ -87,17 +89,15 @@ class LLMEngine:
             if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
                 logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
             microbatch = outcome is dbo.Reason.MICROBATCHED
-        logits = self.model_runner.execute_model(
-            batch, sync.max_tokens, microbatch, self._graph_bucket(sync, microbatch)
-        )
+        logits = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_bucket(sync))
         self.scheduler.update_after_step(batch)
         return self._process(batch, logits)
 
-    def _graph_bucket(self, sync: StepSync, microbatch: bool) -> int | None:
-        """A CUDA-graph step when every rank has only decodes (or nothing) and the batch fits a bucket; the same
-        answer on every rank, from the same synced numbers."""
+    def _graph_bucket(self, sync: StepSync) -> int | None:
+        """A CUDA-graph step (microbatched or not) when every rank has only decodes (or nothing) and the batch
+        fits a bucket; the same answer on every rank, from the same synced numbers."""
         graphs = self.model_runner.graphs
-        if graphs is None or microbatch or not all(sync.decode_only):
+        if graphs is None or not all(sync.decode_only):
             return None
         return graphs.batch_bucket(sync.max_tokens)
 

@@ -94,6 +94,7 @@ class UBatchRuntime:
         if not self.done.wait(2 * TIMEOUT_S):
             self._abort(state, DBOStepError(f"microbatched step made no progress for {2 * TIMEOUT_S} s: "
                                             f"{self._where()}"))  # fmt: skip
+        self.work = []  # the step's closures hold its tensors (under capture, a graph's memory): let them go
         if state.error is not None:
             raise state.error
         return state.trace

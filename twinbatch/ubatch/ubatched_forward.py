@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -20,19 +22,37 @@ class UBatchedForward:
         self.runtime = UBatchRuntime(num_ubatches)
         self.last_trace: list[tuple[int, str]] = []  # (microbatch, yield label) of the last step, in order
 
-    def __call__(self, inputs: StepInputs) -> torch.Tensor:
-        """inputs padded to the same token count on every DP rank -> hidden states [num_tokens, hidden]."""
+    def __call__(self, inputs: StepInputs, query_starts: list[int] | None = None) -> torch.Tensor:
+        """inputs padded to the same token count on every DP rank -> hidden states [num_tokens, hidden].
+        query_starts: the requests' token offsets on the host, when known without reading the device (a CUDA
+        graph capture may not synchronise)."""
         num_tokens = inputs.attn.num_tokens
-        slices = slice_requests(inputs.attn.host[0], ubatch_bounds(num_tokens, self.n))
+        starts = query_starts if query_starts is not None else inputs.attn.host[0]
+        slices = slice_requests(starts, ubatch_bounds(num_tokens, self.n))
         hidden = torch.empty(num_tokens, self.model.config.hidden_size, dtype=self.model.lm_head.weight.dtype,
                              device=self.device)  # fmt: skip
-        work = [functools.partial(self._forward, inputs, s, hidden) for s in slices]
+        # every microbatch issues its kernels on the caller's stream (under capture: the capturing stream)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        work = [functools.partial(self._forward, inputs, s, hidden, stream) for s in slices]
         self.last_trace = self.runtime.run(work)
         return hidden
 
-    def _forward(self, inputs: StepInputs, s: UBatchSlice, out: torch.Tensor, ubatch: UBatchContext) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # the current device is per thread
-        ctx = ForwardContext(split_attention_metadata(inputs.attn, s), s.tokens.stop - s.tokens.start, ubatch)
-        with torch.inference_mode():  # also per thread
+    def _forward(
+        self, inputs: StepInputs, s: UBatchSlice, out: torch.Tensor, stream: torch.cuda.Stream | None,
+        ubatch: UBatchContext,
+    ) -> None:  # fmt: skip
+        # every kernel of the microbatch, the metadata split included, on the caller's stream: work left on this
+        # thread's default stream would escape a CUDA-graph capture (run once, its memory freed and reused)
+        with torch.inference_mode(), _on_stream(self.device, stream):  # both are per thread
+            ctx = ForwardContext(split_attention_metadata(inputs.attn, s), s.tokens.stop - s.tokens.start, ubatch)
             out[s.tokens] = self.model(inputs.input_ids[s.tokens], inputs.positions[s.tokens], ctx)
+
+
+@contextlib.contextmanager
+def _on_stream(device: torch.device, stream: torch.cuda.Stream | None) -> Iterator[None]:
+    if stream is None:
+        yield
+        return
+    torch.cuda.set_device(device)  # the current device is per thread too
+    with torch.cuda.stream(stream):
+        yield

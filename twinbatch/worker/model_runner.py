@@ -173,15 +173,16 @@ class ModelRunner:
         """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order. An empty batch runs
         one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
         With `microbatch` (every DP rank decided so), the batch is padded to max_tokens_across_dp and runs as
-        overlapping microbatches."""
-        if microbatch:
+        overlapping microbatches. With `graph_bucket` (a decode step, agreed by every rank) the batch is padded to
+        that bucket and replayed as a CUDA graph."""
+        if graph_bucket is not None:  # a decode step replayed as a CUDA graph, microbatched or not
+            assert self.graphs is not None
+            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=True)
+            hidden = self.graphs.run(graph_bucket, inputs.attn.max_seq_len, microbatch)
+        elif microbatch:
             assert max_tokens_across_dp is not None and self.ubatched is not None
             inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp)
             hidden = self.ubatched(inputs)
-        elif graph_bucket is not None:
-            assert self.graphs is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=True)
-            hidden = self.graphs.run(graph_bucket, inputs.attn.max_seq_len)
         else:
             inputs = self.prepare_inputs(batch, num_padded_tokens=1)
             ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
