@@ -12,7 +12,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,27 +50,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.sweep is None:
-        report = measure(args)
-        print(json.dumps(report) if args.json else _table(report))
-        return
+    points = [int(t) for t in args.sweep.split(",")] if args.sweep else [args.tokens_per_rank]
     reports = []
-    for tokens in (int(t) for t in args.sweep.split(",")):
-        reports.append(measure(argparse.Namespace(**{**vars(args), "tokens_per_rank": tokens})))
-        print(json.dumps(reports[-1]) if args.json else _table(reports[-1]), flush=True)
-    plot_sweep(reports, args.sweep_png)
+    for report in measure(args, points):
+        reports.append(report)
+        print(json.dumps(report) if args.json else _table(report), flush=True)
+    if args.sweep:
+        plot_sweep(reports, args.sweep_png)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """One launch of every DP rank; returns rank 0's report."""
+def measure(args: argparse.Namespace, points: list[int]) -> Iterator[dict[str, Any]]:
+    """One launch of every DP rank, which builds the model once and measures each number of tokens per rank in
+    `points`; yields rank 0's report of each as it comes."""
     engine_args = EngineArgs.from_cli_args(args)
+    sizing = argparse.Namespace(**{**vars(args), "tokens_per_rank": max(points)})
     engine_args = dataclasses.replace(engine_args, enable_dbo=engine_args.data_parallel_size > 1,
-                                      **_cache_size(args), master_port=free_port())  # fmt: skip
+                                      **_cache_size(sizing), master_port=free_port())  # fmt: skip
     config = engine_args.create_engine_config()
     results = mp.get_context("spawn").SimpleQueue()
     size = config.parallel.data_parallel_size
-    mp.start_processes(_bench_rank, args=(config, vars(args), results), nprocs=size, start_method="spawn")
-    return results.get()
+    ctx = mp.start_processes(_bench_rank, args=(config, vars(args), points, results), nprocs=size, join=False,
+                             start_method="spawn")  # fmt: skip
+    for _ in points:
+        while results.empty():  # a rank that fails ends the launch with its error instead of a hang
+            if ctx.join(timeout=0.5):
+                raise RuntimeError("a benchmark rank exited before reporting")
+        yield results.get()
+    while not ctx.join():
+        pass
 
 
 def _cache_size(args: argparse.Namespace) -> dict[str, int]:
@@ -97,26 +104,25 @@ def synthetic_batch(config: EngineConfig, tokens: int, phase: str, context_len: 
     return out
 
 
-def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], results: Any) -> None:
+def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: list[int], results: Any) -> None:
     parallel = dataclasses.replace(config.parallel, data_parallel_rank=rank)
     config = dataclasses.replace(config, parallel=parallel, device=worker_device(config, rank))
     state = init_distributed(config.parallel, config.device)
     runner = ModelRunner(config, state)
     for cache in runner.kv_caches:
         cache.zero_()  # the synthetic context: defined values, not whatever memory held
-    batch = synthetic_batch(config, opts["tokens_per_rank"], opts["phase"], opts["context_len"])
-    times = (
-        _measure_modes(runner, batch, state.cpu_group, opts)
-        if parallel.enable_dbo
-        else {"single": _time(lambda: runner.execute_model(batch, batch.num_tokens), runner, None, opts)}
-    )
-    if rank == 0:
-        report = _summary(times, opts, config)
-        bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
-        if bandwidth and opts["phase"] == "decode":
-            report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
-            report["compute_only_vs_roofline"] = report["compute_only"]["median_ms"] / report["hbm_roofline_ms"]
-        results.put(report)
+    for tokens in points:
+        opts = {**opts, "tokens_per_rank": tokens}
+        batch = synthetic_batch(config, tokens, opts["phase"], opts["context_len"])
+        times = (
+            _measure_modes(runner, batch, state.cpu_group, opts)
+            if parallel.enable_dbo
+            else {"single": _time(lambda: runner.execute_model(batch, batch.num_tokens), runner, None, opts)}  # noqa: B023
+        )
+        if rank == 0:
+            results.put(_report(times, opts, config, runner, batch))
+        if runner.graphs is not None:
+            runner.graphs.clear()  # the next point has other buckets; free this one's memory
     if opts["profile"] and parallel.enable_dbo:
         _profile(lambda: runner.execute_model(batch, batch.num_tokens, microbatch=True), opts["profile"], rank)
     destroy_distributed()
@@ -201,7 +207,9 @@ def _profile(fn: Callable[[], object], directory: str, rank: int) -> None:
     prof.export_chrome_trace(str(Path(directory) / f"dbo_step_rank{rank}.json"))
 
 
-def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) -> dict[str, Any]:
+def _report(
+    times: dict[str, list[float]], opts: dict, config: EngineConfig, runner: ModelRunner, batch: SchedulerOutput
+) -> dict[str, Any]:
     def stats(t: list[float]) -> dict[str, float]:
         q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
         median = statistics.median(t)
@@ -219,17 +227,21 @@ def _summary(times: dict[str, list[float]], opts: dict, config: EngineConfig) ->
         "dp": config.parallel.data_parallel_size, "backend": config.parallel.all2all_backend,
         "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
     }  # fmt: skip
+    bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
+    if bandwidth and opts["phase"] == "decode" and "compute_only" in report:
+        report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
+        report["compute_only_vs_roofline"] = report["compute_only"]["median_ms"] / report["hbm_roofline_ms"]
     return report
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"setup: {report['setup']}", f"{'mode':14} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
+    lines = [f"setup: {report['setup']}", f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
     for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
                  "comm_only"):  # fmt: skip
         if name in report:
             r = report[name]
             ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f}"
-            lines.append(f"{name:14} {ms} {r['tokens_per_s']:10.0f}")
+            lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
     if "speedup" in report:
         lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
                      f"{report['ideal_ms']:.2f} ms; overlap efficiency {report['overlap_efficiency']:.0%}")  # fmt: skip
