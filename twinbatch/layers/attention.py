@@ -12,6 +12,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 PADDING_SLOT = 0
 
@@ -77,13 +78,15 @@ def paged_attention_reference(
         if hi == lo:
             continue
         k, v = expand_kv(gather_kv(cache, meta.block_tables[i], seq_len))
-        q_pos = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        # causal with the queries at the end of the sequence; a bias object, not a mask tensor, so SDPA may use its
+        # fused kernels (a materialised mask forces the float32 math path on GPU)
+        mask = causal_lower_right(hi - lo, seq_len) if hi - lo < seq_len else None
         o = F.scaled_dot_product_attention(
             q[lo:hi].transpose(0, 1),
             k.transpose(0, 1),
             v.transpose(0, 1),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
