@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +128,21 @@ class ParallelConfig:
 
 # "batched": decode steps in one vectorised pass over padded caches (MLA in the absorbed latent form), no loop
 # over requests and no host synchronisation; prefill and mixed steps keep the reference path.
-ATTENTION_BACKENDS = ("reference", "batched")
+# "triton": decode steps in a fused paged-KV Triton kernel (layers/triton_decode.py) that reads each request's
+# blocks in place instead of gathering padded copies; CUDA only, or Triton's CPU interpreter with TRITON_INTERPRET=1.
+ATTENTION_BACKENDS = ("reference", "batched", "triton")
 # "grouped_mm": routed experts as two torch._grouped_mm calls over expert-sorted tokens (GPU: bfloat16).
 MOE_BACKENDS = ("reference", "grouped_mm")
+
+
+def _check_triton(device: torch.device) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("attention_backend='triton' needs the triton package (pip install triton); "
+                         "or choose attention_backend='batched'")  # fmt: skip
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' runs its kernels on a CUDA GPU; on CPU choose 'batched' or "
+                         "'reference' (or set TRITON_INTERPRET=1 to run them in Triton's slow interpreter, "
+                         "for tests)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class EngineConfig:
     load_format: str
     seed: int
     parallel: ParallelConfig = ParallelConfig()
-    attention_backend: str = "reference"  # "reference" (the per-request oracle) or "batched" (decode steps)
+    attention_backend: str = "reference"  # "reference" (the per-request oracle), "batched" or "triton" (decode steps)
     moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle) or "grouped_mm"
     enforce_eager: bool = False  # no CUDA graphs
 
@@ -151,6 +165,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")  # fmt: skip
+        if self.attention_backend == "triton":
+            _check_triton(self.device)
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f"moe_backend={self.moe_backend!r}; choose auto or one of {', '.join(MOE_BACKENDS)}")
         if self.model.num_experts % self.parallel.ep_size:

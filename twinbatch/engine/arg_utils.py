@@ -54,7 +54,7 @@ class EngineArgs:
     load_format: str = "auto"  # auto, safetensors or dummy
     seed: int = 0
     device: str = "auto"
-    attention_backend: str = "auto"  # auto: batched on GPU, reference on CPU
+    attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
     moe_backend: str = "auto"  # auto: grouped_mm on GPU, reference on CPU
     enforce_eager: bool = False  # turn off CUDA graphs for decode steps
     data_parallel_size: int = 1
@@ -143,7 +143,7 @@ class EngineArgs:
             load_format=load_format,
             seed=self.seed,
             parallel=parallel,
-            attention_backend=_auto(self.attention_backend, "batched", device),
+            attention_backend=_auto(self.attention_backend, "triton", device),
             moe_backend=_auto(self.moe_backend, "grouped_mm", device),
             enforce_eager=self.enforce_eager,
         )

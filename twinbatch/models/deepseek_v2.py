@@ -32,7 +32,7 @@ class DeepseekV2Attention(nn.Module):
         self.o_proj = nn.Linear(heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.scale = softmax_scale(cfg.rope, self.qk_head_dim)
         self.kv_cache = torch.empty(0)  # set by the model runner
-        self.batched_decode = False  # set by the model runner (attention_backend "batched")
+        self.decode_backend = "reference"  # set by the model runner: its attention_backend
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
@@ -46,7 +46,7 @@ class DeepseekV2Attention(nn.Module):
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
         write_kv(self.kv_cache, meta.slot_mapping, torch.cat([self.kv_a_layernorm(latent), k_pe[:, 0]], dim=-1))
-        if self.batched_decode and meta.decode_only:
+        if self.decode_backend != "reference" and meta.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, meta)
         else:
             q = torch.cat([q_nope, q_pe], dim=-1)
@@ -60,14 +60,27 @@ class DeepseekV2Attention(nn.Module):
         w = self.kv_b_proj.weight.view(heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)  # [heads, nope | v, kv_lora_rank]
         q_latent = torch.einsum("thd,hdl->thl", q_nope[:r], w_uk)  # [reqs, heads, kv_lora_rank]
-        entries, valid = gather_batched(self.kv_cache, meta)  # [reqs, S, kv_lora_rank + rope]
-        latent, k_pe = entries.to(q_latent.dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        scores = torch.einsum("thl,tsl->ths", q_latent, latent) + torch.einsum("thr,tsr->ths", q_pe[:r], k_pe)
-        probs = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
-        out_latent = torch.einsum("ths,tsl->thl", probs.to(latent.dtype), latent)
+        if self.decode_backend == "triton":
+            from twinbatch.layers import triton_decode  # Triton is optional: imported only on this backend
+
+            out_latent = triton_decode.mla_decode(q_latent, q_pe[:r], self.kv_cache, meta, self.scale)
+        else:
+            out_latent = self._latent_attention_batched(q_latent, q_pe[:r], meta)
         out = q_nope.new_zeros(q_nope.shape[0], heads, cfg.v_head_dim)
         out[:r] = torch.einsum("thl,hvl->thv", out_latent, w_uv)
         return out
+
+    def _latent_attention_batched(
+        self, q_latent: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q_latent [reqs, heads, kv_lora_rank], q_pe [reqs, heads, rope] over every request's padded cache
+        -> out_latent [reqs, heads, kv_lora_rank]."""
+        cfg = self.cfg
+        entries, valid = gather_batched(self.kv_cache, meta)  # [reqs, S, kv_lora_rank + rope]
+        latent, k_pe = entries.to(q_latent.dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        scores = torch.einsum("thl,tsl->ths", q_latent, latent) + torch.einsum("thr,tsr->ths", q_pe, k_pe)
+        probs = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("ths,tsl->thl", probs.to(latent.dtype), latent)
 
     def _expand_kv(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """entries [seq_len, kv_lora_rank + rope] -> k [seq_len, heads, nope + rope], v [seq_len, heads, v]."""

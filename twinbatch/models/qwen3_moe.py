@@ -25,7 +25,7 @@ class Qwen3MoeAttention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.kv_cache = torch.empty(0)  # set by the model runner
-        self.batched_decode = False  # set by the model runner (attention_backend "batched")
+        self.decode_backend = "reference"  # set by the model runner: its attention_backend
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
@@ -38,13 +38,21 @@ class Qwen3MoeAttention(nn.Module):
         v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = self.rotary(positions, q, k)
         write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
-        if self.batched_decode and meta.decode_only:
-            out = self._decode_batched(q, meta)
+        if self.decode_backend != "reference" and meta.decode_only:
+            out = self._decode_triton(q, meta) if self.decode_backend == "triton" else self._decode_batched(q, meta)
         else:
             out = paged_attention_reference(
                 q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim
             )
         return self.o_proj(out.flatten(1))
+
+    def _decode_triton(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The fused paged-KV kernel, reading the cache in place; one token per request, padding tokens get 0."""
+        from twinbatch.layers import triton_decode  # Triton is optional: imported only on this backend
+
+        r, out = meta.num_reqs, q.new_zeros(q.shape)
+        triton_decode.gqa_decode(q[:r], self.kv_cache, meta, self.cfg.head_dim**-0.5, out=out[:r])
+        return out
 
     def _decode_batched(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """All requests at once over their padded caches; one token per request, padding tokens get 0."""

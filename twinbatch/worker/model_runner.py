@@ -100,7 +100,7 @@ class ModelRunner:
         caches = []
         for attn in self.model.attention_layers():
             attn.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)  # read only once written
-            attn.batched_decode = self.config.attention_backend == "batched"
+            attn.decode_backend = self.config.attention_backend
             caches.append(attn.kv_cache)
         return caches
 
@@ -194,7 +194,7 @@ def _decode_is_capturable(config: EngineConfig) -> bool:
     """A decode step can be a CUDA graph only if nothing in it waits for the host: batched attention, grouped-GEMM
     experts (bfloat16 on GPU) and an all-to-all without host-read split sizes (not all2allv)."""
     return (
-        config.attention_backend == "batched"
+        config.attention_backend in ("batched", "triton")
         and config.moe_backend == "grouped_mm"
         and config.dtype == torch.bfloat16
         and config.parallel.all2all_backend != "all2allv"
