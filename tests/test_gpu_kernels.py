@@ -1,0 +1,135 @@
+"""The Triton decode kernel on a CUDA GPU: against the "batched" path and the reference on real shapes, a timing
+print, and whole models on the "triton" backend. Run with `python -m pytest -m gpu -s tests/test_gpu_kernels.py`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_parallel import greedy
+from test_triton_decode import make_cache, reference
+
+from twinbatch import LLM
+from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.layers.rotary import RotaryEmbedding
+from twinbatch.models.deepseek_v2 import DeepseekV2Attention
+from twinbatch.models.hf_config import ModelConfig
+from twinbatch.models.presets import PRESETS
+from twinbatch.models.qwen3_moe import Qwen3MoeAttention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+V2_LITE = ModelConfig.from_dict(PRESETS["deepseek-ai/DeepSeek-V2-Lite"])  # MLA: 16 heads, 512 + 64
+QWEN3 = dataclasses.replace(V2_LITE, architecture="Qwen3MoeForCausalLM", kv_lora_rank=0, num_attention_heads=32,
+                            num_key_value_heads=4, head_dim=128)  # fmt: skip  # Qwen3-30B-A3B's attention
+
+
+def attention(cfg: ModelConfig, cache: torch.Tensor) -> DeepseekV2Attention | Qwen3MoeAttention:
+    """The model's attention module (weights on the meta device: decode attention reads only the cache)."""
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim or cfg.head_dim, 16)
+        attn = DeepseekV2Attention(cfg, rotary) if cfg.use_mla else Qwen3MoeAttention(cfg, rotary)
+    attn.kv_cache = cache
+    return attn
+
+
+def v2_lite_inputs(seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(q_latent, q_pe, cache, meta) in bf16 for 16 heads x (512 + 64), blocks of 16, plus 3 padding requests."""
+    cache, meta = make_cache((576,), 16, seq_lens, num_padding=3, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(meta.num_reqs, 16, 576, device="cuda").bfloat16()
+    return q[..., :512].contiguous(), q[..., 512:], cache, meta
+
+
+def test_mla_triton_matches_batched_and_reference() -> None:
+    """DeepSeek-V2-Lite decode in bf16: 256 requests of up to 4096 tokens (and 3 CUDA-graph padding requests)."""
+    from twinbatch.layers import triton_decode
+
+    seq_lens = torch.randint(1, 4097, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    q_latent, q_pe, cache, meta = v2_lite_inputs([1, 4096, *seq_lens[2:]])
+    attn = attention(V2_LITE, cache)
+    out = triton_decode.mla_decode(q_latent, q_pe, cache, meta, attn.scale)
+    batched = attn._latent_attention_batched(q_latent, q_pe, meta)
+    expected = reference(torch.cat([q_latent, q_pe], -1), cache, meta, attn.scale, 512, mla=True)
+    assert not out.isnan().any()
+    assert_as_close_as_batched(out, batched, expected)
+
+
+def assert_as_close_as_batched(out: torch.Tensor, batched: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within bf16 rounding of the float32 reference, and no further from it than the batched path (which rounds
+    its scores to bf16, so the two differ from each other by more than either from the reference)."""
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+    error, batched_error = (out.float() - expected).abs().max(), (batched.float() - expected).abs().max()
+    assert error <= batched_error * 1.1, (error, batched_error)
+
+
+@pytest.mark.parametrize("num_reqs", [3, 64])
+def test_gqa_triton_matches_batched_and_reference(num_reqs: int) -> None:
+    """Qwen3-style GQA (32 heads over 4 kv heads of 128) in bf16; 3 requests force several splits."""
+    from twinbatch.layers import triton_decode
+
+    seq_lens = torch.randint(1, 3000, (num_reqs,), generator=torch.Generator().manual_seed(1)).tolist()
+    cache, meta = make_cache((2, 4, 128), 16, seq_lens, num_padding=2, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(meta.num_reqs, 32, 128, device="cuda").bfloat16()
+    out = triton_decode.gqa_decode(q, cache, meta, 128**-0.5)
+    batched = attention(QWEN3, cache)._decode_batched(q, meta)
+    assert_as_close_as_batched(out, batched, reference(q, cache, meta, 128**-0.5, 128, mla=False))
+
+
+def time_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """GPU time per call, replayed from a CUDA graph of `iters` calls (as decode steps run): no launch overhead."""
+    fn()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@pytest.mark.parametrize(("num_reqs", "context"), [(256, 1024), (256, 4096), (8, 4096)])
+def test_mla_decode_timing(num_reqs: int, context: int) -> None:
+    """Printed with -s, not asserted: one V2-Lite layer's decode attention, triton vs batched (CUDA-graph replay)."""
+    from twinbatch.layers import triton_decode
+
+    q_latent, q_pe, cache, meta = v2_lite_inputs([context] * num_reqs)
+    attn = attention(V2_LITE, cache)
+    triton_ms = time_ms(lambda: triton_decode.mla_decode(q_latent, q_pe, cache, meta, attn.scale))
+    batched_ms = time_ms(lambda: attn._latent_attention_batched(q_latent, q_pe, meta))
+    gbytes = num_reqs * context * 576 * 2 / 1e9  # the cache entries read
+    print(f"\nMLA decode, {num_reqs} reqs x ctx {context} ({gbytes:.2f} GB of KV): triton {triton_ms:.3f} ms "
+          f"({gbytes / triton_ms:.2f} TB/s), batched {batched_ms:.3f} ms: {batched_ms / triton_ms:.1f}x")  # fmt: skip
+
+
+PROMPTS = [[5, 17, 42, 7, 99], list(range(30, 47)), [(i * 37) % 250 + 2 for i in range(400)]]  # 400: split-K
+
+
+@pytest.fixture(scope="module", params=["dsv2_dir", "dsv3_dir", "qwen3_dir"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def test_triton_backend_greedy_equals_reference(model_dir: Path) -> None:
+    """float32, eager: the kernel alone differs between the two runs."""
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+    expected = greedy(LLM(str(model_dir), attention_backend="reference", **kwargs), PROMPTS, [16] * 3)
+    assert greedy(LLM(str(model_dir), attention_backend="triton", **kwargs), PROMPTS, [16] * 3) == expected
+
+
+def test_triton_backend_in_cuda_graphs_equals_eager(model_dir: Path) -> None:
+    """bf16 with grouped-GEMM experts: decode steps replay as CUDA graphs (the kernel never waits for the host)."""
+    kwargs = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 512, "attention_backend": "triton",
+              "moe_backend": "grouped_mm"}  # fmt: skip
+    eager = greedy(LLM(str(model_dir), enforce_eager=True, **kwargs), PROMPTS, [16] * 3)
+    llm = LLM(str(model_dir), **kwargs)
+    assert greedy(llm, PROMPTS, [16] * 3) == eager
+    assert llm.llm_engine.model_runner.graphs.graphs, "no decode step ran as a CUDA graph"
