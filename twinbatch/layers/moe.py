@@ -84,7 +84,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
         Returns the routing-weighted sum over each token's experts, [num_tokens, H]."""
-        if x.shape[0] and self.grouped_mm:
+        if x.shape[0] and self.grouped_mm and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
             return self._forward_grouped(x, topk_weights, topk_ids)
         return self._forward_reference(x, topk_weights, topk_ids)
 

@@ -191,8 +191,9 @@ class ModelRunner:
 
 
 def _decode_is_capturable(config: EngineConfig) -> bool:
-    """A decode step can be a CUDA graph only if nothing in it waits for the host: batched attention, grouped-GEMM
-    experts (bfloat16 on GPU) and an all-to-all without host-read split sizes (not all2allv)."""
+    """A decode step can be a CUDA graph only if nothing in it waits for the host: batched or Triton attention,
+    grouped-GEMM experts in bfloat16 (other dtypes take a torch fallback that copies from the host) and an
+    all-to-all without host-read split sizes (not all2allv)."""
     return (
         config.attention_backend in ("batched", "triton")
         and config.moe_backend == "grouped_mm"
