@@ -54,9 +54,10 @@ def make_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from twinbatch.bench import step
+    from twinbatch.bench import serve, step
 
     step.add_parser(bench)
+    serve.add_parser(bench)
     return parser
 
 
