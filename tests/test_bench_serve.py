@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from openai_server import launch_server
 
 from twinbatch.bench.serve import arrival_times, random_requests
 from twinbatch.bench.serve_metrics import (
@@ -252,3 +253,19 @@ def test_bench_serve_counts_failures_and_paces_arrivals(tmp_path: Path) -> None:
 def test_bench_serve_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="pass --model"):
         main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "1"])
+
+
+# ---------------------------------------------------------------- end to end, against `twinbatch serve`
+
+
+def test_bench_serve_against_twinbatch_serve(tmp_path: Path) -> None:
+    flags = "--num-prompts 16 --max-concurrency 4 --random-input-len 32 --random-output-len 8 --ignore-eos"
+    with launch_server("--max-model-len", "256") as url:
+        r = bench(url, tmp_path / "r.json", *flags.split())
+    assert (r["completed"], r["failed"]) == (16, 0), r["errors"]
+    assert r["output_lens"] == [8] * 16 and r["total_output_tokens"] == 128  # ignore_eos: every request runs out
+    assert r["input_lens"] == [32] * 16 and r["total_input_tokens"] == 16 * 32  # the server's usage.prompt_tokens
+    assert all(0 < t <= e for t, e in zip(r["ttfts"], r["e2els"], strict=True))
+    for t, gaps, e in zip(r["ttfts"], r["itls"], r["e2els"], strict=True):
+        assert 1 <= len(gaps) <= 7 and t + sum(gaps) == pytest.approx(e)  # at most one chunk per token
+    assert r["mean_tpot_ms"] > 0 and r["output_throughput"] == pytest.approx(128 / r["duration"])
