@@ -5,6 +5,7 @@ tests/ has no __init__.py, so pytest puts it on sys.path and this imports as a t
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from twinbatch.engine.launcher import free_port
+from twinbatch.entrypoints.cli import make_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,9 @@ def server_missing() -> str | None:
     """Why `twinbatch serve` cannot run in this checkout, or None."""
     if not (REPO / "twinbatch" / "entrypoints" / "openai").is_dir():
         return "twinbatch/entrypoints/openai (the OpenAI-compatible server) is not in this checkout yet"
+    commands = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "serve" not in commands:
+        return "the `twinbatch serve` command is not in this checkout yet"
     return None
 
 
