@@ -1,18 +1,18 @@
 """lm-evaluation-harness against `twinbatch serve`: the `local-completions` model with the server's own tokenizer
 (`tokenizer_backend=remote`: GET /tokenizer_info, POST /tokenize and /detokenize), on tiny local tasks.
 
-This checks the protocol, not the score (the built-in model has random weights): every document gets a result.
+This checks the protocol, not the score (the built-in model has random weights): every document gets a result,
+and it is the result the offline engine (same built-in weights, seed 0) gives for the same token ids:
 - generate_until sends token-id prompts (a batch: a list of lists) with `stop` and `max_tokens` and reads
-  `choices[i].text`;
+  `choices[i].text`: it must equal the offline greedy text;
 - multiple_choice (loglikelihood) sends `echo: true, logprobs: 1, max_tokens: 1` and sums the echoed prompt's
-  `token_logprobs` over the continuation.
+  `token_logprobs` over the continuation: it must equal the sum of the offline engine's prompt logprobs.
 lm_eval runs in a subprocess, offline (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE), reading a jsonl written here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -116,13 +116,25 @@ def test_lm_eval_generate_until(server_url: str, task_dir: Path, builtin_llm: LL
         assert s["filtered_resps"] == [expected.outputs[0].text], context
 
 
-def test_lm_eval_multiple_choice(server_url: str, task_dir: Path) -> None:
+def test_lm_eval_multiple_choice(server_url: str, task_dir: Path, builtin_llm: LLM) -> None:
     results, samples = run_lm_eval(server_url, "twinbatch_tiny_choice", task_dir)
     assert "acc,none" in results["results"]["twinbatch_tiny_choice"]
     assert sorted(s["doc_id"] for s in samples) == list(range(len(QUESTIONS)))
     for s in samples:
-        scores = s["filtered_resps"]  # one (loglikelihood, is_greedy) per choice
-        assert len(scores) == len(s["doc"]["choices"])
-        for loglikelihood, is_greedy in scores:
-            assert math.isfinite(float(loglikelihood)) and float(loglikelihood) < 0
-            assert str(is_greedy) in ("True", "False")
+        scores = s["filtered_resps"]  # one [loglikelihood, is_greedy] per choice
+        assert len(scores) == len(s["doc"]["choices"]) == len(s["arguments"])
+        for args, (loglikelihood, is_greedy) in zip(s["arguments"].values(), scores, strict=True):
+            expected, greedy = offline_loglikelihood(builtin_llm, args["arg_0"], args["arg_1"])
+            assert float(loglikelihood) == pytest.approx(expected, abs=1e-5), args
+            assert is_greedy == str(greedy)
+
+
+def offline_loglikelihood(llm: LLM, context: str, continuation: str) -> tuple[float, bool]:
+    """The oracle: the offline engine's prompt logprobs of the continuation after the context (split as
+    lm_eval splits it: encode the whole, cut at the context's length), and whether each was the top token."""
+    tokenizer = llm.get_tokenizer()
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    n_context = len(tokenizer.encode(context, add_special_tokens=False))
+    (out,) = llm.generate([whole], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    scored = [out.prompt_logprobs[i][whole[i]] for i in range(n_context, len(whole))]
+    return sum(lp.logprob for lp in scored), all(lp.rank == 1 for lp in scored)
