@@ -80,12 +80,12 @@ def test_incremental_text_equals_decoding_everything(tokenizer: object) -> None:
 
 
 def test_stop_string_is_held_back_and_cut(tokenizer: object) -> None:
-    ids = tokenizer.encode("one two three four")
-    detok = IncrementalDetokenizer(tokenizer, True, ["three", "xx"])
+    ids = tokenizer.encode("one two three four")  # " three" and " four" are one token each
+    detok = IncrementalDetokenizer(tokenizer, True, ["ree fo", "xx"])  # spans two tokens
     running = []
     for t in ids:
         if (stop := detok.add_token(t)) is not None:
             break
         running.append(detok.final_text(finished=False))
-    assert stop == "three" and detok.text == "one two "
+    assert stop == "ree fo" and detok.text == "one two th"
     assert all(detok.text.startswith(r) for r in running)  # nothing streamed was taken back

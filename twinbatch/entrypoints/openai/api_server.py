@@ -147,7 +147,7 @@ def _validation_error(errors: Sequence[Any]) -> OpenAIError:
     loc = [str(part) for part in first["loc"] if part != "body"]
     got = f" (got {first['input']!r})" if first["type"] != "missing" else ""
     form = next(((i, FIELD_FORMS[p]) for i, p in enumerate(loc) if p in FIELD_FORMS), None)
-    if form is not None:  # a union: pydantic reports every member; say what the field accepts instead
+    if form is not None and got:  # a union: pydantic reports every member; say what the field accepts instead
         loc = loc[: form[0] + 1]
         return OpenAIError(f"{'.'.join(loc)} must be {form[1]}{got}", param=".".join(loc))
     param = ".".join(loc) or None

@@ -85,6 +85,13 @@ class OpenAIServing:
             raise OpenAIError(str(e), param=field if field in type(req).model_fields else None) from None
 
     def admit(self, requests: list[EngineRequest]) -> None:
+        """Refuses what could never fit (400), or does not fit now (503), before anything is queued."""
+        if len(requests) > self.engine.max_unfinished:
+            raise OpenAIError(
+                f"this request needs {len(requests)} completions (prompts x n) but the server holds at most "
+                f"{self.engine.max_unfinished} at once; send fewer prompts or a smaller n",
+                param="n",
+            )
         try:
             self.engine.check_admission(len(requests))
         except (QueueFullError, EngineDeadError) as e:
