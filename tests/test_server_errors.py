@@ -36,6 +36,8 @@ COMPLETIONS: list[tuple[Any, str | None, str]] = [
     ({"prompt": "Hi", "stop": [""]}, "stop", "stop strings must not be empty"),
     ({"prompt": "Hi", "stop": 3}, "stop", "stop must be a string or a list of strings"),
     ({"prompt": "Hi", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ({"prompt": "Hi", "presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
+    ({"prompt": "Hi", "best_of": 3}, "best_of", "best_of is not supported"),
     ({"prompt": "Hi", "stream_options": {"include_usage": "sure"}}, "stream_options.include_usage", "valid boolean"),
 ]
 OTHERS: list[tuple[str, dict[str, Any], str | None, str]] = [
@@ -97,3 +99,10 @@ def test_bad_completion_request(builtin_server: str, body: Any, param: str | Non
 def test_bad_request_elsewhere(builtin_server: str, path: str, body: dict, param: str | None, message: str) -> None:
     check_error(httpx.post(builtin_server + path, json=body, timeout=60), param, message)
     check_serves(builtin_server)
+
+
+def test_neutral_and_unknown_fields_are_accepted(builtin_server: str) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1,
+            "best_of": 1, "logit_bias": None, "user": "someone", "suffix": None}  # fmt: skip
+    r = httpx.post(builtin_server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text

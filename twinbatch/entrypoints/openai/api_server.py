@@ -108,8 +108,10 @@ async def _respond(request: Request, result: Awaitable[dict | AsyncIterator[str]
         with suppress(asyncio.CancelledError):
             await work
         return Response(status_code=499)  # nobody reads it
-    gone.cancel()
     body = work.result()
+    if gone.done() and not isinstance(body, dict):
+        return Response(status_code=499)  # gone as the stream was made: none of its requests was queued yet
+    gone.cancel()
     if isinstance(body, dict):
         return JSONResponse(body)
     return StreamingResponse(body, media_type="text/event-stream")

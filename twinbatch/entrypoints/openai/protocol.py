@@ -41,6 +41,12 @@ def now() -> int:
     return int(time.time())
 
 
+# OpenAI / vLLM sampling options twinbatch does not implement, and the value that means "off": a request that
+# turns one on is refused (400) rather than silently sampled without it. Other unknown fields are ignored.
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
+               "logit_bias": None, "suffix": None, "best_of": None, "tools": None, "response_format": None}  # fmt: skip
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # NaN / inf are never valid sampling values
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from twinbatch.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest, QueueFullError
 from twinbatch.entrypoints.openai.metrics import ServerMetrics
-from twinbatch.entrypoints.openai.protocol import OpenAIError, SamplingFields
+from twinbatch.entrypoints.openai.protocol import UNSUPPORTED, OpenAIError, SamplingFields
 from twinbatch.outputs import Logprob, RequestOutput
 from twinbatch.sampling_params import SamplingParams
 
@@ -73,6 +73,10 @@ class OpenAIServing:
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, sample: int, **extra: Any) -> SamplingParams:
         """The params of sample number `sample` of n; a seeded request's samples get seeds seed, seed+1, ..."""
+        for name, off in UNSUPPORTED.items():
+            value = (req.model_extra or {}).get(name, off)
+            if value != off and not (name == "best_of" and value == req.n):
+                raise OpenAIError(f"{name} is not supported by twinbatch; leave it out (or at {off})", param=name)
         try:
             return SamplingParams(
                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
