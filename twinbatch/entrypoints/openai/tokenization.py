@@ -55,5 +55,5 @@ def tokenizer_info(serving: OpenAIServingChat) -> dict[str, Any]:
         "unk_token": tokenizer.unk_token,
         "chat_template": serving.chat_template,
         "model_max_length": serving.max_model_len,
-        "vocab_size": len(tokenizer),
+        "vocab_size": serving.engine.config.model.vocab_size,  # the token ids the model accepts
     }
