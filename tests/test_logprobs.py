@@ -67,9 +67,13 @@ def tokenizer(builtin_llm: LLM) -> object:
     return builtin_llm.get_tokenizer()
 
 
-def test_incremental_text_equals_decoding_everything(tokenizer: object) -> None:
+@pytest.mark.parametrize("method", ["decode_stream", "window"])
+def test_incremental_text_equals_decoding_everything(tokenizer: object, method: str) -> None:
     ids = tokenizer.encode("Grüße, 世界! naïve café 🙂 done")
     detok = IncrementalDetokenizer(tokenizer, True, [])
+    assert detok.stream is not None  # the built-in tokenizer is a fast one
+    if method == "window":
+        detok.stream = None
     seen = []
     for t in ids:
         detok.add_token(t)
