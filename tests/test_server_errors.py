@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from twinbatch.entrypoints.cli import main
+
 LONG = list(range(100, 400))  # 300 token ids: longer than max_model_len
 COMPLETIONS: list[tuple[Any, str | None, str]] = [
     # (body: a dict, or raw bytes sent as JSON; the param the error names; a piece of its message)
@@ -106,3 +108,16 @@ def test_neutral_and_unknown_fields_are_accepted(builtin_server: str) -> None:
             "best_of": 1, "logit_bias": None, "user": "someone", "suffix": None}  # fmt: skip
     r = httpx.post(builtin_server + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "foo", "--model", "bar"], "the model is given twice: 'foo' and --model 'bar'"),
+        (["serve", "no-such-model"], "is neither a local checkpoint directory nor a built-in preset"),
+        (["serve", "--max-waiting-requests", "-1"], "--max-waiting-requests must be >= 0"),
+    ],
+)
+def test_bad_serve_command_line(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
