@@ -99,19 +99,21 @@ def build_app(engine: AsyncLLM, model_names: list[str]) -> FastAPI:
 
 async def _respond(request: Request, result: Awaitable[dict | AsyncIterator[str]]) -> Response:
     """Streams server-sent events, or returns JSON; a client that leaves before a whole response is ready gets
-    its requests aborted (the streaming response aborts them itself, when it sees the disconnect)."""
+    its requests aborted. A streaming response aborts them itself when it sees the disconnect (uvicorn reports a
+    disconnect to every later receive(), so one that came while the stream was made is not lost)."""
     work = asyncio.ensure_future(result)
     gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():
-        work.cancel()  # unwinds the engine stream, which aborts the unfinished requests
-        with suppress(asyncio.CancelledError):
-            await work
+    try:
+        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()  # unwinds the engine stream, which aborts the unfinished requests
+            with suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
         return Response(status_code=499)  # nobody reads it
-    body = work.result()
-    if gone.done() and not isinstance(body, dict):
-        return Response(status_code=499)  # gone as the stream was made: none of its requests was queued yet
-    gone.cancel()
+    body = work.result()  # an OpenAIError goes to its handler
     if isinstance(body, dict):
         return JSONResponse(body)
     return StreamingResponse(body, media_type="text/event-stream")
