@@ -115,10 +115,10 @@ def _record(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) 
     execute = engine.model_runner.execute_model
 
     def recording(batch, *args):
-        logits = execute(batch, *args)
-        for s, row in zip([s for s in batch.scheduled if s.completes_prefill], logits, strict=True):
+        out = execute(batch, *args)
+        for s, row in zip([s for s in batch.scheduled if s.completes_prefill], out.logits, strict=True):
             rows[s.request.request_id].append(row.clone())
-        return logits
+        return out
 
     engine.model_runner.execute_model = recording
     for p, n in zip(prompts, max_tokens, strict=True):

@@ -13,6 +13,7 @@ import torch
 from hf_oracle import hf_greedy, hf_logits, make_deepseek_v2, make_qwen3_moe
 
 from twinbatch import LLM, SamplingParams
+from twinbatch.worker.model_runner import ModelRunnerOutput
 from twinbatch.worker.scheduler import SchedulerOutput
 
 PROMPTS = [[5, 17, 42, 7, 99], list(range(30, 47)), [(i * 37) % 250 + 2 for i in range(30)]]
@@ -27,14 +28,14 @@ def run_recording(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], 
     preemptions = 0
     execute = engine.model_runner.execute_model
 
-    def recording(batch: SchedulerOutput, *args: int | None) -> torch.Tensor:
+    def recording(batch: SchedulerOutput, *args: int | None) -> ModelRunnerOutput:
         nonlocal preemptions
         preemptions += len(batch.preempted)
-        logits = execute(batch, *args)
+        out = execute(batch, *args)
         sampled = [s.request.request_id for s in batch.scheduled if s.completes_prefill]
-        for rid, row in zip(sampled, logits, strict=True):
+        for rid, row in zip(sampled, out.logits, strict=True):
             rows[rid].append(row.clone())
-        return logits
+        return out
 
     engine.model_runner.execute_model = recording
     try:

@@ -17,6 +17,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # per generated token: its log-probability and the top-k (0: only its own)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -37,6 +39,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must not be empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be None or an integer >= 0 (the number of top tokens), got {value}")
 
     @property
     def greedy(self) -> bool:

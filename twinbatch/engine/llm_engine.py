@@ -9,16 +9,17 @@ import torch
 
 from twinbatch.config import EngineConfig
 from twinbatch.distributed.parallel_state import ParallelState
+from twinbatch.engine.detokenizer import IncrementalDetokenizer
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.request import Request
-from twinbatch.layers.sampler import sample
-from twinbatch.outputs import CompletionOutput, RequestOutput
+from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
+from twinbatch.outputs import CompletionOutput, Logprob, RequestOutput
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.dp_sync import DPSync, StepSync
-from twinbatch.worker.model_runner import ModelRunner
+from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class LLMEngine:
         self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
         self.stopped = False  # set when every DP rank agreed to stop
         self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (dbo.Reason values)
+        self.num_prompt_tokens = 0  # of every request added, ever
+        self.num_generation_tokens = 0  # every token sampled, ever
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
@@ -44,8 +47,10 @@ class LLMEngine:
         """Validates and queues a request; raises ValueError (and changes nothing) on bad input."""
         request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.requests)
         gen = None if params.seed is None else torch.Generator(self.config.device).manual_seed(params.seed)
-        req = Request(request_id, text, token_ids, params, generator=gen)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop_strings)
+        req = Request(request_id, text, token_ids, params, generator=gen, detokenizer=detokenizer)
         self.requests[request_id] = req
+        self.num_prompt_tokens += len(token_ids)
         self.scheduler.add_request(req)
         return request_id
 
@@ -56,11 +61,14 @@ class LLMEngine:
 
     def get_stats(self) -> dict:
         """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
-        `cuda_graphs` lists the captured decode graphs as (batch bucket, context bucket, microbatched)."""
+        `cuda_graphs` lists the captured decode graphs as (batch bucket, context bucket, microbatched). The token
+        counts are totals since the engine started."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generation_tokens": self.num_generation_tokens,
             "dbo": dict(self.dbo_stats),
             "cuda_graphs": sorted(self.model_runner.graphs.graphs) if self.model_runner.graphs else [],
         }
@@ -89,9 +97,9 @@ class LLMEngine:
             if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
                 logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
             microbatch = outcome is dbo.Reason.MICROBATCHED
-        logits = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_bucket(sync))
+        out = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_bucket(sync))
         self.scheduler.update_after_step(batch)
-        return self._process(batch, logits)
+        return self._process(batch, out)
 
     def _graph_bucket(self, sync: StepSync) -> int | None:
         """A CUDA-graph step (microbatched or not) when every rank has only decodes (or nothing) and the batch
@@ -101,10 +109,16 @@ class LLMEngine:
             return None
         return graphs.batch_bucket(sync.max_tokens)
 
-    def _process(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
+        for request_id, tensors in out.prompt_logprobs.items():
+            req = self.requests[request_id]
+            req.prompt_logprobs += _logprob_dicts(tensors, req.sampling_params.prompt_logprobs)
         sampled = [s.request for s in batch.scheduled if s.request.num_computed_tokens == s.request.num_tokens]
         params = [r.sampling_params for r in sampled]
-        tokens = sample(logits, params, [r.generator for r in sampled], self.generator)
+        tokens = sample(out.logits, params, [r.generator for r in sampled], self.generator)
+        self.num_generation_tokens += len(tokens)
+        if any(p.logprobs is not None for p in params):
+            self._sample_logprobs(sampled, out.logits, tokens)
         outputs = []
         for req, token in zip(sampled, tokens, strict=True):
             req.output_token_ids.append(token)
@@ -114,15 +128,23 @@ class LLMEngine:
                 del self.requests[req.request_id]
         return outputs
 
+    def _sample_logprobs(self, sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
+        k = max(r.sampling_params.logprobs or 0 for r in sampled)
+        tensors = compute_logprobs(logits, torch.tensor(tokens, device=logits.device), k)
+        for i, req in enumerate(sampled):
+            if req.logprobs is not None:
+                req.logprobs += _logprob_dicts(tensors[i : i + 1], req.sampling_params.logprobs)
+
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.sampling_params
+        stop_string = req.detokenizer.add_token(token)
         reason, stop = None, None
         if token in p.stop_token_ids:
             reason, stop = "stop", token
         elif token in self.config.model.eos_token_ids and not p.ignore_eos:
             reason = "stop"
-        elif p.stop_strings and (hit := self._stop_string(req)) is not None:
-            reason, stop = "stop", hit
+        elif stop_string is not None:
+            reason, stop = "stop", stop_string
         elif (
             len(req.output_token_ids) >= (p.max_tokens or float("inf"))
             or req.num_tokens >= self.config.scheduler.max_model_len
@@ -132,20 +154,27 @@ class LLMEngine:
             req.stop_reason = stop
             self.scheduler.finish(req, reason)
 
-    def _stop_string(self, req: Request) -> str | None:
-        text = self._detokenize(req)
-        hits = [(text.find(s), s) for s in req.sampling_params.stop_strings if s in text]
-        return min(hits)[1] if hits else None
-
-    def _detokenize(self, req: Request) -> str:
-        if self.tokenizer is None:
-            return ""
-        skip = req.sampling_params.skip_special_tokens
-        return self.tokenizer.decode(req.output_token_ids, skip_special_tokens=skip)
-
     def _make_output(self, req: Request) -> RequestOutput:
-        text = self._detokenize(req) if req.is_finished else ""
-        if isinstance(req.stop_reason, str):
-            text = text[: text.find(req.stop_reason)]
-        completion = CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason, req.stop_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished)
+        """Cumulative output: all tokens so far, and the text that is final so far (all of it once finished)."""
+        text = req.detokenizer.final_text(req.is_finished)
+        logprobs = list(req.logprobs) if req.logprobs is not None else None
+        completion = CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason, req.stop_reason, logprobs)
+        prompt_logprobs = req.prompt_logprobs if req.num_computed_tokens >= len(req.prompt_token_ids) else None
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished, prompt_logprobs
+        )
+
+
+def _logprob_dicts(tensors: LogprobsTensors, k: int) -> list[dict[int, Logprob]]:
+    """One dict per row: the scored token first, then the top-k in rank order (a token already listed keeps its
+    first entry)."""
+    ids = tensors.logprob_token_ids[:, : k + 1].tolist()
+    values = tensors.logprobs[:, : k + 1].tolist()
+    ranks = tensors.selected_token_ranks.tolist()
+    dicts = []
+    for row_ids, row_values, rank in zip(ids, values, ranks, strict=True):
+        d = {row_ids[0]: Logprob(row_values[0], rank)}
+        for j in range(1, k + 1):
+            d.setdefault(row_ids[j], Logprob(row_values[j], j))
+        dicts.append(d)
+    return dicts

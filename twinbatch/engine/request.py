@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twinbatch.engine.detokenizer import IncrementalDetokenizer
+from twinbatch.outputs import PromptLogprobs, SampleLogprobs
 from twinbatch.sampling_params import SamplingParams
 
 
@@ -30,6 +32,15 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # per-request seed
+    detokenizer: IncrementalDetokenizer | None = None
+    logprobs: SampleLogprobs | None = None  # one entry per output token, with SamplingParams.logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # one entry per prompt token scored so far (the first: None)
+
+    def __post_init__(self) -> None:
+        if self.sampling_params.logprobs is not None:
+            self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def all_token_ids(self) -> list[int]:

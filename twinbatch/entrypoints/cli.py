@@ -7,6 +7,7 @@ import sys
 import time
 
 from twinbatch.engine.arg_utils import EngineArgs
+from twinbatch.entrypoints.openai.cli_args import add_serve_args
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -40,6 +41,12 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"loaded in {loaded - start:.1f} s; generated {n} tokens in {done - loaded:.2f} s", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from twinbatch.entrypoints.openai.api_server import run_server
+
+    run_server(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinbatch", description="MoE inference with dual-batch overlap")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,10 +60,14 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=_generate)
+    server = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_args(server)
+    server.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from twinbatch.bench import step
+    from twinbatch.bench import serve, step
 
     step.add_parser(bench)
+    serve.add_parser(bench)
     return parser
 
 

@@ -1,6 +1,9 @@
-"""Greedy, temperature, top-k and top-p sampling, with an optional seed per request."""
+"""Greedy, temperature, top-k and top-p sampling, with an optional seed per request; log-probabilities."""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +45,30 @@ def sample(
         noise = torch.empty_like(probs).exponential_(generator=gen)
         tokens.append(int((probs / noise).argmax()))
     return tokens
+
+
+@dataclass
+class LogprobsTensors:
+    """vLLM's layout: column 0 is the scored token (sampled, or the next prompt token), then the top-k."""
+
+    logprob_token_ids: torch.Tensor  # [num_rows, 1 + k] int64
+    logprobs: torch.Tensor  # [num_rows, 1 + k] float32
+    selected_token_ranks: torch.Tensor  # [num_rows] int64: 1 + the number of tokens more likely than column 0's
+
+    @staticmethod
+    def cat(parts: list[LogprobsTensors]) -> LogprobsTensors:
+        fields = dataclasses.fields(LogprobsTensors)
+        return LogprobsTensors(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields))
+
+    def __getitem__(self, rows: slice) -> LogprobsTensors:
+        return LogprobsTensors(self.logprob_token_ids[rows], self.logprobs[rows], self.selected_token_ranks[rows])
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int) -> LogprobsTensors:
+    """logits [num_rows, vocab] float32 (the model's raw output, before temperature or top-k/top-p, as in
+    vLLM), token_ids [num_rows] -> each token's log-probability and rank, and the top num_logprobs."""
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(-1, token_ids[:, None])  # [num_rows, 1]
+    ranks = (logprobs > chosen).sum(-1) + 1
+    top = logprobs.topk(num_logprobs, dim=-1)
+    return LogprobsTensors(torch.cat([token_ids[:, None], top.indices], 1), torch.cat([chosen, top.values], 1), ranks)

@@ -8,7 +8,7 @@ microbatch and captures them in CUDA graphs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,10 +17,12 @@ from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
 from twinbatch.layers.moe import ExpertPlacement, Experts
+from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs
 from twinbatch.models.loader import build_model
 from twinbatch.worker.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+PROMPT_LOGITS_CHUNK = 256  # rows of prompt logits at a time: [256, vocab] float32, not [prompt_len, vocab]
 
 
 @dataclass
@@ -29,6 +31,13 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled], the last new token of each request that samples
+
+
+@dataclass
+class ModelRunnerOutput:
+    logits: torch.Tensor  # [num_sampled, vocab] float32, in scheduling order
+    # request id -> LogprobsTensors of the prompt tokens this step scored (ScheduledRequest.prompt_logprob_positions)
+    prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
 
 
 class InputBuffers:
@@ -169,8 +178,9 @@ class ModelRunner:
         max_tokens_across_dp: int | None = None,
         microbatch: bool = False,
         graph_bucket: int | None = None,
-    ) -> torch.Tensor:
-        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order. An empty batch runs
+    ) -> ModelRunnerOutput:
+        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order, and the prompt
+        logprobs of requests that ask for them (computed only then). An empty batch runs
         one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
         With `microbatch` (every DP rank decided so), the batch is padded to max_tokens_across_dp and runs as
         overlapping microbatches. With `graph_bucket` (a decode step, agreed by every rank) the batch is padded to
@@ -187,7 +197,35 @@ class ModelRunner:
             inputs = self.prepare_inputs(batch, num_padded_tokens=1)
             ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        out = ModelRunnerOutput(self.model.compute_logits(hidden[inputs.logits_indices]))
+        if any(s.request.prompt_logprobs is not None for s in batch.scheduled):
+            out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        return out
+
+    def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor) -> dict[str, LogprobsTensors]:
+        """Log-softmax of the logits at every prompt position that scores a prompt token, in chunks of rows."""
+        rows, targets, counts, start = [], [], {}, 0
+        for s in batch.scheduled:
+            positions = s.prompt_logprob_positions
+            rows += [start + p - s.request.num_computed_tokens for p in positions]
+            targets += [s.request.prompt_token_ids[p + 1] for p in positions]
+            counts[s.request.request_id] = len(positions)
+            start += s.num_new_tokens
+        k = max(s.request.sampling_params.prompt_logprobs or 0 for s in batch.scheduled)
+        row_ids = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        token_ids = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        parts = [
+            compute_logprobs(self.model.compute_logits(hidden[row_ids[i : i + PROMPT_LOGITS_CHUNK]]),
+                             token_ids[i : i + PROMPT_LOGITS_CHUNK], k)
+            for i in range(0, len(rows), PROMPT_LOGITS_CHUNK)
+        ]  # fmt: skip
+        merged = LogprobsTensors.cat(parts) if parts else None
+        out, at = {}, 0
+        for request_id, n in counts.items():
+            if n:
+                out[request_id] = merged[at : at + n]
+                at += n
+        return out
 
 
 def _decode_is_capturable(config: EngineConfig) -> bool:

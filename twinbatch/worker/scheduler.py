@@ -27,6 +27,17 @@ class ScheduledRequest:
         """True when this step computes the request's last known token, so a new token is sampled."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions computed this step whose logits score a prompt token not scored yet (position p scores
+        token p + 1), for a request that asks for prompt logprobs. A recomputation after preemption skips
+        the ones already scored."""
+        req = self.request
+        if req.prompt_logprobs is None:
+            return range(0)
+        lo = max(req.num_computed_tokens, len(req.prompt_logprobs) - 1)
+        return range(lo, max(lo, min(req.num_computed_tokens + self.num_new_tokens, len(req.prompt_token_ids) - 1)))
+
 
 @dataclass
 class SchedulerOutput:
