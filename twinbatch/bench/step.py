@@ -125,6 +125,7 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
             runner.graphs.clear()  # the next point has other buckets; free this one's memory
     if opts["profile"] and parallel.enable_dbo:
         _profile(lambda: runner.execute_model(batch, batch.num_tokens, microbatch=True), opts["profile"], rank)
+    runner.shutdown()
     destroy_distributed()
 
 

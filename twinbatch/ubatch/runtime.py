@@ -197,9 +197,12 @@ class UBatchRuntime:
         return ", ".join(f"microbatch {i}: {st.yields[i]} yields, last at {st.where[i] or '-'}" for i in range(self.n))
 
     def close(self) -> None:
+        """Ends the threads (those parked between steps return at once)."""
         self.closed = True
         for event in self.turn:
             event.set()
+        for t in self.threads:
+            t.join(timeout=1.0)
 
 
 def _parse_fault(spec: str | None) -> tuple[int, int] | None:

@@ -95,6 +95,14 @@ class ModelRunner:
             sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
         )
 
+    def shutdown(self) -> None:
+        """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
+        stops the microbatch threads; call before destroying the process groups."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        if self.ubatched is not None:
+            self.ubatched.runtime.close()
+
     def _log_expert_memory(self, placement: ExpertPlacement) -> None:
         experts = [p for n, p in self.model.named_parameters() if ".experts." in n]
         self.expert_bytes = sum(p.numel() * p.element_size() for p in experts)

@@ -62,6 +62,7 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
         engine = LLMEngine(config, init_distributed(config.parallel, config.device))
         conn.send(("ready", rank))
         _loop(engine, conn)
+        engine.model_runner.shutdown()
     except BaseException:  # the front end must hear about every failure
         with contextlib.suppress(OSError):
             conn.send(("error", rank, traceback.format_exc()))
