@@ -296,3 +296,14 @@ def test_abort_returns_all_blocks(tight_llm: LLM) -> None:
     outs = tight_llm.generate(prompts[:3], params[:3], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params[:3]]
     assert_idle(engine)
+
+
+def test_request_token_ids_span_prompt_and_output() -> None:
+    """The model runner reads a step's tokens through Request.token_ids: prompt, output, and (after preemption,
+    recomputing) a range across both."""
+    req = Request("r", None, [1, 2, 3], SamplingParams())
+    req.output_token_ids += [4, 5]
+    everything = [1, 2, 3, 4, 5]
+    for lo in range(6):
+        for hi in range(lo, 6):
+            assert req.token_ids(lo, hi) == everything[lo:hi]

@@ -42,9 +42,12 @@ class Request:
         if self.sampling_params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids(self, lo: int, hi: int) -> list[int]:
+        """Tokens lo..hi-1 of prompt + output, without copying the whole sequence (a decode step asks for one)."""
+        p = len(self.prompt_token_ids)
+        if lo >= p:
+            return self.output_token_ids[lo - p : hi - p]
+        return self.prompt_token_ids[lo:hi] + self.output_token_ids[: max(0, hi - p)]
 
     @property
     def num_tokens(self) -> int:
