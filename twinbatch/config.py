@@ -132,15 +132,18 @@ class ParallelConfig:
 # blocks in place instead of gathering padded copies; CUDA only, or Triton's CPU interpreter with TRITON_INTERPRET=1.
 ATTENTION_BACKENDS = ("reference", "batched", "triton")
 # "grouped_mm": routed experts as two torch._grouped_mm calls over expert-sorted tokens (GPU: bfloat16).
-MOE_BACKENDS = ("reference", "grouped_mm")
+# "triton": routed experts as two fused grouped-GEMM Triton kernels over expert-sorted, BLOCK_M-padded tokens
+# (layers/triton_moe.py); opt-in until measured on a GPU. CUDA only, or the interpreter with TRITON_INTERPRET=1.
+MOE_BACKENDS = ("reference", "grouped_mm", "triton")
 
 
-def _check_triton(device: torch.device) -> None:
+def _check_triton(device: torch.device, option: str, fallback: str) -> None:
+    """option: the flag that chose Triton ("attention_backend"); fallback: what to choose instead on CPU."""
     if importlib.util.find_spec("triton") is None:
-        raise ValueError("attention_backend='triton' needs the triton package (pip install triton); "
-                         "or choose attention_backend='batched'")  # fmt: skip
+        raise ValueError(f"{option}='triton' needs the triton package (pip install triton); "
+                         f"or choose {option}={fallback!r}")  # fmt: skip
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' runs its kernels on a CUDA GPU; on CPU choose 'batched' or "
+        raise ValueError(f"{option}='triton' runs its kernels on a CUDA GPU; on CPU choose {fallback!r} or "
                          "'reference' (or set TRITON_INTERPRET=1 to run them in Triton's slow interpreter, "
                          "for tests)")  # fmt: skip
 
@@ -158,7 +161,7 @@ class EngineConfig:
     seed: int
     parallel: ParallelConfig = ParallelConfig()
     attention_backend: str = "reference"  # "reference" (the per-request oracle), "batched" or "triton" (decode steps)
-    moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle) or "grouped_mm"
+    moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle), "grouped_mm" or "triton"
     enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
@@ -166,9 +169,11 @@ class EngineConfig:
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")  # fmt: skip
         if self.attention_backend == "triton":
-            _check_triton(self.device)
+            _check_triton(self.device, "attention_backend", "batched")
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f"moe_backend={self.moe_backend!r}; choose auto or one of {', '.join(MOE_BACKENDS)}")
+        if self.moe_backend == "triton":
+            _check_triton(self.device, "moe_backend", "grouped_mm")
         if self.model.num_experts % self.parallel.ep_size:
             raise ValueError(
                 f"{self.model.num_experts} routed experts do not split evenly over {self.parallel.ep_size} "

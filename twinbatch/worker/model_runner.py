@@ -81,6 +81,7 @@ class ModelRunner:
         for m in self.model.modules():
             if isinstance(m, Experts):
                 m.grouped_mm = config.moe_backend == "grouped_mm"
+                m.triton = config.moe_backend == "triton"
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and _decode_is_capturable(config):
             from twinbatch.worker.graph_runner import GraphRunner
@@ -238,11 +239,12 @@ class ModelRunner:
 
 def _decode_is_capturable(config: EngineConfig) -> bool:
     """A decode step can be a CUDA graph only if nothing in it waits for the host: batched or Triton attention,
-    grouped-GEMM experts in bfloat16 (other dtypes take a torch fallback that copies from the host) and an
-    all-to-all without host-read split sizes (not all2allv)."""
+    grouped-GEMM experts in bfloat16 (other dtypes take a torch fallback that copies from the host) or Triton
+    experts in any dtype (grids sized from shapes alone), and an all-to-all without host-read split sizes
+    (not all2allv)."""
+    grouped_mm = config.moe_backend == "grouped_mm" and config.dtype == torch.bfloat16
     return (
         config.attention_backend in ("batched", "triton")
-        and config.moe_backend == "grouped_mm"
-        and config.dtype == torch.bfloat16
+        and (grouped_mm or config.moe_backend == "triton")
         and config.parallel.all2all_backend != "all2allv"
     )
