@@ -1,5 +1,6 @@
-"""The Triton decode kernel on a CUDA GPU: against the "batched" path and the reference on real shapes, a timing
-print, and whole models on the "triton" backend. Run with `python -m pytest -m gpu -s tests/test_gpu_kernels.py`.
+"""The Triton decode kernel and the Triton experts on a CUDA GPU: against the "batched" / grouped_mm paths and the
+reference on real shapes, timing prints, and whole models on the "triton" backends. Run with
+`python -m pytest -m gpu -s tests/test_gpu_kernels.py`.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from test_triton_decode import make_cache, reference
 
 from twinbatch import LLM
 from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.layers.moe import Experts
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.deepseek_v2 import DeepseekV2Attention
 from twinbatch.models.hf_config import ModelConfig
@@ -133,3 +135,73 @@ def test_triton_backend_in_cuda_graphs_equals_eager(model_dir: Path) -> None:
     llm = LLM(str(model_dir), **kwargs)
     assert greedy(llm, PROMPTS, [16] * 3) == eager
     assert llm.llm_engine.model_runner.graphs.graphs, "no decode step ran as a CUDA graph"
+
+
+# The fused Triton experts (moe_backend="triton") on DeepSeek-V2-Lite's per-rank shapes under 2-way expert
+# parallelism: 32 local experts of 64, hidden 2048, intermediate 1408, top-6.
+
+
+def v2_lite_experts() -> Experts:
+    torch.manual_seed(0)
+    experts = Experts(32, 2048, 1408).to("cuda", torch.bfloat16)
+    for p in experts.parameters():
+        p.data.normal_(0, 0.02)
+    return experts
+
+
+def v2_lite_routing(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, topk_weights, local ids): 6 distinct experts of 64 per token; those of the other rank (32..63) map to
+    32, as the all-to-all's local ids do, so about half of the pairs are skipped."""
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    ids = torch.rand(num_tokens, 64, device="cuda", generator=gen).topk(6, dim=-1).indices
+    x = torch.randn(num_tokens, 2048, device="cuda", generator=gen).bfloat16()
+    return x, torch.rand(num_tokens, 6, device="cuda", generator=gen), ids.clamp(max=32)
+
+
+@pytest.mark.parametrize("num_tokens", [256, 4096])
+def test_triton_experts_match_grouped_mm_and_reference(num_tokens: int) -> None:
+    from twinbatch.layers import triton_moe
+
+    experts, (x, weights, ids) = v2_lite_experts(), v2_lite_routing(num_tokens)
+    out = triton_moe.fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)
+    assert torch.equal(out, triton_moe.fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids))
+    grouped = experts._forward_grouped(x, weights, ids)
+    expected = experts.float()._forward_reference(x.float(), weights, ids)  # .float() converts in place: last
+    assert not out.isnan().any()
+    assert_as_close_as_batched(out, grouped, expected)
+
+
+@pytest.mark.parametrize("num_tokens", [256, 4096])
+def test_triton_experts_timing(num_tokens: int) -> None:
+    """Printed with -s, not asserted: one layer's routed experts, triton vs grouped_mm (CUDA-graph replay), and the
+    rate at which each reads the expert weights (every local expert gets tokens at these sizes)."""
+    from twinbatch.layers import triton_moe
+
+    experts, (x, weights, ids) = v2_lite_experts(), v2_lite_routing(num_tokens)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    tiles = triton_moe.tiles_for(ids.numel() / 32, x.dtype)
+    triton_ms = time_ms(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids))
+    align_ms = time_ms(lambda: triton_moe.align_block_size(ids, 32, tiles.block_m))
+    grouped_ms = time_ms(lambda: experts._forward_grouped(x, weights, ids))
+    gbytes = (gate_up.numel() + down.numel()) * 2 / 1e9
+    print(f"\nMoE experts, {num_tokens} tokens x top-6, 32 local experts ({gbytes:.2f} GB of weights), {tiles}: "
+          f"triton {triton_ms:.3f} ms ({gbytes / triton_ms:.2f} TB/s; align step {align_ms:.3f} ms), grouped_mm "
+          f"{grouped_ms:.3f} ms ({gbytes / grouped_ms:.2f} TB/s): {grouped_ms / triton_ms:.2f}x")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_triton_moe_backend_in_cuda_graphs_equals_eager(model_dir: Path, dtype: str) -> None:
+    """Decode steps with Triton experts replay as CUDA graphs (no host synchronisation, in either dtype)."""
+    kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 512, "attention_backend": "triton",
+              "moe_backend": "triton"}  # fmt: skip
+    eager = greedy(LLM(str(model_dir), enforce_eager=True, **kwargs), PROMPTS, [16] * 3)
+    llm = LLM(str(model_dir), **kwargs)
+    assert greedy(llm, PROMPTS, [16] * 3) == eager
+    assert llm.llm_engine.model_runner.graphs.graphs, "no decode step ran as a CUDA graph"
+
+
+def test_triton_moe_backend_greedy_equals_reference(model_dir: Path) -> None:
+    """float32, eager: only the experts differ between the two runs."""
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+    expected = greedy(LLM(str(model_dir), moe_backend="reference", **kwargs), PROMPTS, [16] * 3)
+    assert greedy(LLM(str(model_dir), moe_backend="triton", **kwargs), PROMPTS, [16] * 3) == expected
