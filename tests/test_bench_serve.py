@@ -250,9 +250,18 @@ def test_bench_serve_counts_failures_and_paces_arrivals(tmp_path: Path) -> None:
     assert max(arrivals) - min(arrivals) <= n / rate + 0.1
 
 
-def test_bench_serve_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit, match="pass --model"):
-        main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "1"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--num-prompts 1", "pass --model"),  # nothing listens on that port
+        ("--max-concurrency 0", "at least 1"),
+        ("--request-rate 0", "must be positive"),
+        ("--percentile-metrics ttft,foo", "unknown"),
+    ],
+)
+def test_bench_serve_bad_setup_says_what_to_change(flags: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", *flags.split()])
 
 
 # ---------------------------------------------------------------- end to end, against `twinbatch serve`

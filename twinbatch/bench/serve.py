@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--percentile-metrics: unknown {sorted(unknown)}; choose from {','.join(METRICS)}")
     if args.burstiness <= 0 or args.request_rate <= 0:
         raise ValueError("--request-rate and --burstiness must be positive")
+    if args.num_prompts < 1 or (args.max_concurrency is not None and args.max_concurrency < 1):
+        raise ValueError("--num-prompts and --max-concurrency must be at least 1")
     result = asyncio.run(run_async(args))
     failed = [e for e in result["errors"] if e]
     if failed:
