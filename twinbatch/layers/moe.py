@@ -77,19 +77,18 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts = num_experts  # held here: global ids expert_offset .. expert_offset + num_experts - 1
         self.expert_offset = expert_offset
-        self.grouped_mm = False  # set by the model runner (moe_backend "grouped_mm")
-        self.triton = False  # set by the model runner (moe_backend "triton")
+        self.backend = "reference"  # set by the model runner: its moe_backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
         Returns the routing-weighted sum over each token's experts, [num_tokens, H]."""
-        if x.shape[0] and self.triton:
+        if x.shape[0] and self.backend == "triton":
             from twinbatch.layers import triton_moe  # Triton is optional: imported only on this backend
 
             return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
-        if x.shape[0] and self.grouped_mm and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        if x.shape[0] and self.backend == "grouped_mm" and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
             return self._forward_grouped(x, topk_weights, topk_ids)
         return self._forward_reference(x, topk_weights, topk_ids)
 

@@ -80,8 +80,7 @@ class ModelRunner:
         self._log_expert_memory(placement)
         for m in self.model.modules():
             if isinstance(m, Experts):
-                m.grouped_mm = config.moe_backend == "grouped_mm"
-                m.triton = config.moe_backend == "triton"
+                m.backend = config.moe_backend
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and _decode_is_capturable(config):
             from twinbatch.worker.graph_runner import GraphRunner
