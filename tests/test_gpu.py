@@ -190,3 +190,64 @@ def test_dbo_graph_recapture_does_not_leak_memory() -> None:
     for _ in range(2):
         rank, allocated = results.get()
         assert allocated[1:] == allocated[:1] * 3, f"rank {rank}: memory after each re-capture {allocated}"
+
+
+@pytest.mark.parametrize(("model_fixture", "dtype"), [("dsv2_dir", "bfloat16"), ("qwen3_dir", "bfloat16"),
+                                                      ("dsv2_dir", "float32"), ("qwen3_dir", "float32")])  # fmt: skip
+def test_compiled_decode_matches_uncompiled(model_fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
+    """Decode layers under torch.compile (Inductor, the default on GPU) inside CUDA graphs against -O0: the same
+    tokens, logits within bf16 rounding. float32 runs the Triton experts (grouped GEMM needs bf16)."""
+    model_dir = request.getfixturevalue(model_fixture)
+    kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 128}
+    if dtype == "float32":
+        kwargs["moe_backend"] = "triton"
+    results = []
+    for level in ("0", "3"):
+        llm = LLM(str(model_dir), compilation_config=level, **kwargs)
+        runner = llm.llm_engine.model_runner
+        assert (runner.model.model.compiled_layer is None) == (level == "0")
+        results.append(run_recording(llm, PROMPTS))
+        assert runner.graphs.graphs
+    if dtype == "float32":
+        assert results[0][0] == results[1][0]
+    atol = 5e-2 if dtype == "bfloat16" else 1e-4
+    for tokens, logits, compiled_tokens, compiled_logits in zip(*results[0][:2], *results[1][:2], strict=True):
+        assert_same_until_a_near_tie(tokens, logits, compiled_tokens, compiled_logits, atol)
+
+
+def assert_same_until_a_near_tie(tokens: list[int], logits: torch.Tensor, other_tokens: list[int],
+                                 other_logits: torch.Tensor, atol: float) -> None:  # fmt: skip
+    """Greedy runs whose kernels round differently (Inductor keeps bf16 intermediates in float32) may part at a
+    near-tie: the logits agree within atol up to the first differing token, and there the first run's top two
+    candidates are within 2 * atol of each other."""
+    n = next((i for i, (a, b) in enumerate(zip(tokens, other_tokens, strict=True)) if a != b), len(tokens))
+    for i in range(min(n + 1, len(tokens))):
+        torch.testing.assert_close(logits[i], other_logits[i], atol=atol, rtol=0)
+    if n < len(tokens):
+        gap = (logits[n][tokens[n]] - logits[n][other_tokens[n]]).abs().item()
+        assert gap <= 2 * atol, f"token {n}: {tokens[n]} vs {other_tokens[n]} with a logit gap of {gap}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_compiled_dbo_graphs_match_uncompiled_eager_dbo_off(dsv2_dir: Path) -> None:
+    """The whole fast path (compiled layers, DBO microbatches captured in one CUDA graph) against the plainest
+    GPU run (no compile, no graphs, DBO off), in float32 (Triton experts) so the tokens must agree."""
+    from test_data_parallel import greedy
+    from test_dbo import LONG
+
+    prompts, max_tokens = LONG * 2, [8] * 8
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "data_parallel_size": 2,
+              "enable_expert_parallel": True, "all2all_backend": "all2all", "moe_backend": "triton"}  # fmt: skip
+    plain = LLM(str(dsv2_dir), enforce_eager=True, compilation_config="0", **kwargs)
+    try:
+        expected = greedy(plain, prompts, max_tokens)
+    finally:
+        plain.shutdown()
+    fast = LLM(str(dsv2_dir), enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=2, **kwargs)
+    try:
+        assert greedy(fast, prompts, max_tokens) == expected
+        for stats in fast.get_stats()["ranks"].values():
+            assert stats["dbo"].get("microbatched", 0) > 0
+            assert any(microbatched for _, _, microbatched in stats["cuda_graphs"])
+    finally:
+        fast.shutdown()

@@ -158,6 +158,7 @@ def test_split_count_fills_the_gpu_without_tiny_splits(monkeypatch: pytest.Monke
     assert splits(4096, 4) == 4096 // triton_decode.MIN_SPLIT_LEN
     assert splits(1 << 20, 1) == triton_decode.MAX_SPLITS
     assert splits(200, 1) == 1
+    assert triton_decode.num_splits_for(4096, 4, torch.device("cuda"), d_k=576) == 1  # MLA: never split (measured)
 
 
 def _whole_model(tmp_path: Path) -> None:

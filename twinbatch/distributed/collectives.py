@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from twinbatch.compilation import opaque
+
 # torch 2.14 renamed these (the old names warn); torch 2.11 has only the old ones
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -28,6 +30,7 @@ class Collectives:
     recording: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]] | None = None
     _done: _Done = field(default_factory=_Done)
 
+    @opaque
     def all_to_all(
         self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
         in_splits: list[int] | None = None, *, group: dist.ProcessGroup, async_op: bool = True,
@@ -39,12 +42,14 @@ class Collectives:
             return self._done
         return dist.all_to_all_single(out, inp, async_op=async_op, **kwargs)
 
+    @opaque
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, *, group: dist.ProcessGroup) -> Any:
         if self._note("all_gather", out, inp, {"group": group}):
             out.view(-1, *inp.shape).copy_(inp)
             return self._done
         return _all_gather(out, inp, group=group, async_op=True)
 
+    @opaque
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, *, group: dist.ProcessGroup) -> Any:
         if self._note("reduce_scatter", out, inp, {"group": group}):
             out.copy_(inp.view(-1, *out.shape)[dist.get_rank(group)])

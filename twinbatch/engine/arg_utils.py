@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from twinbatch.compilation import parse_level
 from twinbatch.config import (
     CacheConfig,
     EngineConfig,
@@ -57,6 +58,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
     moe_backend: str = "auto"  # auto: grouped_mm on GPU, reference on CPU
     enforce_eager: bool = False  # turn off CUDA graphs for decode steps
+    compilation_config: str | None = None  # -O: torch.compile level, 0 = off (default: on where decode is a graph)
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
@@ -146,6 +148,7 @@ class EngineArgs:
             attention_backend=_auto(self.attention_backend, "triton", device),
             moe_backend=_auto(self.moe_backend, "grouped_mm", device),
             enforce_eager=self.enforce_eager,
+            compilation_level=parse_level(self.compilation_config, 3 if device.type == "cuda" else 0),
         )
 
     def _default_num_blocks(
@@ -175,11 +178,12 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
+            flags = ("-O", flag) if f.name == "compilation_config" else (flag,)  # vLLM's -O0 .. -O3
             if f.type == "bool":
-                parser.add_argument(flag, action="store_true")
+                parser.add_argument(*flags, action="store_true")
                 continue
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default})")
+            parser.add_argument(*flags, type=typ, default=f.default, help=f"(default: {f.default})")
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> EngineArgs:

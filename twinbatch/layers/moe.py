@@ -95,9 +95,7 @@ class Experts(nn.Module):
     def _forward_grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs over the (token, expert) pairs sorted by expert: no loop, no host synchronisation."""
         k, flat = topk_ids.shape[1], topk_ids.flatten()
-        order = flat.argsort(stable=True)  # skipped ids (>= num_experts) sort last
-        counts = count_ids(flat, self.num_experts)
-        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        order, offs = sort_by_expert(flat, self.num_experts)  # skipped ids (>= num_experts) sort last
         tokens = order // k
         gate, up = torch._grouped_mm(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
@@ -126,6 +124,28 @@ class Experts(nn.Module):
                 out.index_add_(0, tokens, (y * topk_weights.flatten()[rows, None]).to(x.dtype))
             start += count
         return out
+
+
+COUNTING_SORT_MAX = 1 << 22  # pairs x experts: above this, a one-hot table costs more memory than a sort
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [pairs] -> (order: the stable argsort of ids, ids >= num_experts last; offs [num_experts] int32: the
+    end row of each expert's run in that order). No host synchronisation.
+
+    Under torch.compile, for decode-sized inputs, a counting sort: a cumulative sum over a one-hot table gives
+    each pair its rank among equal ids. Inductor fuses it into a few kernels, 4 us a layer on H200 against 30 us
+    for the radix sort. Eager, the same cumulative sum is one slow kernel (270 us), so eager steps sort."""
+    if not torch.compiler.is_compiling() or ids.numel() * (num_experts + 1) > COUNTING_SORT_MAX:
+        order = ids.argsort(stable=True)
+        return order, count_ids(ids, num_experts).cumsum(0).to(torch.int32)
+    ids = ids.clamp(0, num_experts)
+    rank = (ids[:, None] == torch.arange(num_experts + 1, device=ids.device)).cumsum(0, dtype=torch.int32)
+    ends = rank[-1].cumsum(0, dtype=torch.int32)  # [num_experts + 1], the end row of each id's run
+    pos = ends[ids] - rank[-1][ids] + rank.gather(1, ids[:, None])[:, 0] - 1  # each pair's row in the order
+    order = torch.empty_like(ids)
+    order[pos.long()] = torch.arange(ids.numel(), device=ids.device)
+    return order, ends[:num_experts]
 
 
 class MoE(nn.Module):

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from twinbatch.compilation import opaque
 from twinbatch.layers.attention import AttentionMetadata
 
 MIN_SPLIT_LEN = 256  # tokens; a split shorter than this costs more in partial writes and merging than it gains
@@ -125,19 +126,23 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def num_splits_for(max_seq_len: int, programs: int, device: torch.device) -> int:
-    """One split where the requests alone fill every SM; else about four programs per SM, but no split shorter
-    than MIN_SPLIT_LEN tokens (measured on H200: docs/performance.md)."""
+def num_splits_for(max_seq_len: int, programs: int, device: torch.device, d_k: int = 0) -> int:
+    """One split where the requests alone fill every SM, or for MLA's wide keys (d_k > 256) always: on H200 every
+    split count above 1 measured slower there, from 32 to 256 requests of 257 to 1025 tokens. Else about four
+    programs per SM, but no split shorter than MIN_SPLIT_LEN tokens (measured on H200: docs/performance.md)."""
     sms = _num_sms(device)
-    if programs >= sms:
+    if programs >= sms or d_k > 256:
         return 1
     return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(max_seq_len, MIN_SPLIT_LEN), MAX_SPLITS))
 
 
-def kernel_config(d_k: int, itemsize: int, splits: int) -> tuple[int, int, int]:
+def kernel_config(d_k: int, itemsize: int, splits: int, programs: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). A key tile [BLOCK_N, d_k] of at most 72 KB, so that two pipeline stages
     fit in shared memory (227 KB on H100/H200); half that for split launches (few requests: more, shorter tiles
-    in flight measured faster)."""
+    in flight measured faster). MLA (d_k > 256) with fewer programs than SMs: 128-token tiles and 8 warps, which
+    on H200 took 90 us instead of 153 us for 128 requests of 1025 tokens, and 84 instead of 161 for 32."""
+    if d_k > 256 and splits == 1 and programs < _num_sms(device):
+        return 128, 8, 2
     budget = (72 if splits == 1 else 36) * 1024
     block_n = max(16, min(64, triton.next_power_of_2(budget // (d_k * itemsize) + 1) // 2))
     return block_n, 4, 2
@@ -165,8 +170,9 @@ def _launch(
     d2, dv = (0 if q2 is None else q2.shape[-1]), out.shape[-1]
     assert meta.max_seq_len > 0 and reqs == meta.num_reqs and q1.dtype == cache.dtype
     assert q1.stride(-1) == 1 and out.stride(-1) == 1 and cache.is_contiguous()
-    splits = num_splits or num_splits_for(meta.max_seq_len, reqs * kv_heads, cache.device)
-    block_n, num_warps, num_stages = kernel_config(_pow2(d1) + (d2 and _pow2(d2)), cache.element_size(), splits)
+    d_k, programs = _pow2(d1) + (d2 and _pow2(d2)), reqs * kv_heads
+    splits = num_splits or num_splits_for(meta.max_seq_len, programs, cache.device, d_k)
+    block_n, num_warps, num_stages = kernel_config(d_k, cache.element_size(), splits, programs, cache.device)
     split_len = triton.cdiv(triton.cdiv(meta.max_seq_len, splits), block_n) * block_n
     splits = triton.cdiv(meta.max_seq_len, split_len)  # no split past max_seq_len
     if splits == 1:
@@ -193,6 +199,7 @@ def _launch(
     return out
 
 
+@opaque
 def mla_decode(
     q_latent: torch.Tensor,
     q_pe: torch.Tensor,
@@ -210,6 +217,7 @@ def mla_decode(
     return _launch(q_latent, q_pe, cache, meta, scale, out, 1, 0, None, num_splits)
 
 
+@opaque
 def gqa_decode(
     q: torch.Tensor,
     cache: torch.Tensor,

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from twinbatch.compilation import opaque
 from twinbatch.distributed.all2all.base import count_ids
 
 
@@ -144,6 +145,7 @@ def _down_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@opaque
 def fused_experts(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,

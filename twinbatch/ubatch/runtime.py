@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from twinbatch.compilation import opaque
 from twinbatch.distributed.parallel_state import TIMEOUT_S
 
 
@@ -51,10 +52,12 @@ class UBatchContext:
     def __init__(self, runtime: UBatchRuntime, index: int, state: _StepState) -> None:
         self.runtime, self.index, self.state = runtime, index, state
 
+    @opaque
     def yield_and_switch_from_compute_to_comm(self, label: str = "dispatch") -> None:
         """After launching a dispatch: let the next microbatch compute while this one's tokens travel."""
         self.runtime.yield_from(self, label)
 
+    @opaque
     def yield_and_switch_from_comm_to_compute(self, label: str = "combine") -> None:
         """After launching a combine: let the next microbatch compute while this one's results travel back."""
         self.runtime.yield_from(self, label)

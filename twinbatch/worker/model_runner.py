@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from twinbatch.compilation import compile_layer
 from twinbatch.config import EngineConfig
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
 from twinbatch.layers.moe import ExpertPlacement, Experts
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs
+from twinbatch.models.causal_lm import DecoderLayer
 from twinbatch.models.loader import build_model
 from twinbatch.worker.scheduler import SchedulerOutput
 
@@ -86,6 +88,8 @@ class ModelRunner:
             from twinbatch.worker.graph_runner import GraphRunner
 
             self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.max_model_len)
+        if config.compilation_level and _decode_is_capturable(config):  # else host loops: nothing to compile
+            self.model.model.compiled_layer = compile_layer(DecoderLayer.forward)
         self.ubatched = None
         if config.parallel.enable_dbo:
             from twinbatch.ubatch.ubatched_forward import UBatchedForward

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from twinbatch.compilation import opaque
+
 if TYPE_CHECKING:
     from twinbatch.forward_context import ForwardContext
 
@@ -44,6 +46,7 @@ class Handle:
     works: list[dist.Work] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
+    @opaque
     def wait(self) -> None:
         for work in self.works:
             work.wait()

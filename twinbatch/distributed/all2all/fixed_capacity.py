@@ -18,7 +18,21 @@ class FixedCapacityAll2All(All2AllBackend):
     def dispatch_launch(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, max_tokens: int
     ) -> Handle:
-        n, hidden, cap, size = x.shape[0], x.shape[1], max_tokens, self.size
+        target, *sends = self._pack(x, topk_weights, topk_ids, max_tokens)
+        handle = Handle(num_tokens=x.shape[0], state={"target": target})
+        for name, t in zip(("x", "meta", "counts"), sends, strict=True):
+            out = torch.empty_like(t)
+            handle.works.append(COLLECTIVES.all_to_all(out, t, group=self.group))
+            handle.state[name] = out
+        return handle
+
+    def _pack(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, cap: int
+    ) -> tuple[torch.Tensor, ...]:
+        """-> (target, send_x, send_meta, counts): the send buffers, [size * cap, ...] each, and where each
+        (token, destination) pair went. Compute only, apart from the collectives' loop (under torch.compile a
+        loop that calls a collective runs eagerly; this function still compiles as a graph of its own)."""
+        n, hidden, size = x.shape[0], x.shape[1], self.size
         owner, mask = self.destinations(topk_ids)  # mask [n, size]
         ranks = torch.arange(size, device=x.device)
         # [n, size] row of each (token, destination) pair in the send buffer; pairs not sent go to a spare row
@@ -32,12 +46,7 @@ class FixedCapacityAll2All(All2AllBackend):
                                  topk_weights.repeat_interleave(size, 0), ranks.repeat(n))  # fmt: skip
         send_meta[target] = pairs
         counts = count_ids(topk_ids.flatten(), self.num_experts)
-        handle = Handle(num_tokens=n, state={"target": target})
-        for name, t in (("x", send_x[:-1]), ("meta", send_meta[:-1]), ("counts", counts)):
-            out = torch.empty_like(t)
-            handle.works.append(COLLECTIVES.all_to_all(out, t.contiguous(), group=self.group))
-            handle.state[name] = out
-        return handle
+        return target, send_x[:-1].contiguous(), send_meta[:-1].contiguous(), counts
 
     def dispatch_wait(self, handle: Handle) -> ExpertInput:
         handle.wait()

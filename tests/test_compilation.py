@@ -1,0 +1,74 @@
+"""torch.compile of decode layers (`-O`): the level flag, and compiled decode giving the tokens of uncompiled
+decode, alone and under DBO with the expert all-to-all (gloo, 2 processes). On CPU the compiled graphs run on
+Dynamo's "eager" backend: the same tracing, graph breaks and guards as on GPU, without Inductor's code
+generation; Inductor itself is exercised by the `gpu` tests."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_parallel import MAX_TOKENS, PROMPTS, greedy
+from test_dbo import LONG
+from torch._dynamo.utils import counters
+
+from twinbatch import LLM, compilation
+from twinbatch.engine.arg_utils import EngineArgs
+
+FAST = {"attention_backend": "batched", "moe_backend": "grouped_mm", "dtype": "bfloat16", "max_model_len": 128}
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [([], 0), (["-O3"], 3), (["-O", "0"], 0), (["--compilation-config", "2"], 2),
+     (["--compilation-config", '{"level": 0}'], 0), (["-O", '{"mode": 3}'], 3)],
+)  # fmt: skip
+def test_compilation_level_flags(argv: list[str], level: int) -> None:
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
+    assert config.compilation_level == level  # default on CPU: 0
+
+
+@pytest.mark.parametrize("value", ["4", "-1", "fast", '{"level": "3"}', "true", '{"backend": "eager"}'])
+def test_bad_compilation_level_says_what_to_give(value: str) -> None:
+    with pytest.raises(ValueError, match=r"level 0-3 .*-O0"):
+        EngineArgs(compilation_config=value).create_engine_config()
+
+
+@pytest.fixture
+def eager_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compilation, "BACKEND", "eager")
+    monkeypatch.setenv("TWINBATCH_COMPILE_BACKEND", "eager")  # for spawned DP ranks
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.parametrize("model_fixture", ["dsv2_dir", "qwen3_dir"])
+@pytest.mark.usefixtures("eager_backend")
+def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(model_fixture)
+    expected = greedy(LLM(str(model_dir), compilation_config="0", **FAST), PROMPTS, MAX_TOKENS)
+    llm = LLM(str(model_dir), compilation_config="3", **FAST)
+    assert llm.llm_engine.model_runner.model.model.compiled_layer is not None
+    assert greedy(llm, PROMPTS, MAX_TOKENS) == expected
+    graphs = counters["stats"]["unique_graphs"]
+    # one layer function for every layer: a few graphs per layer kind, not one per layer (each model has 2 kinds)
+    assert 0 < graphs <= 12, f"{graphs} compiled graphs"
+
+
+@pytest.mark.usefixtures("eager_backend")
+def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -> None:
+    """Collectives, waits and the microbatch yields stay outside the compiled graphs, so the microbatch threads
+    still take turns at every all-to-all."""
+    kwargs = {"data_parallel_size": 2, "enable_expert_parallel": True, "all2all_backend": "all2all", "enable_dbo": True,
+              "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2, **FAST}  # fmt: skip
+    results = []
+    for level in ("0", "3"):
+        llm = LLM(str(dsv2_dir), compilation_config=level, **kwargs)
+        try:
+            results.append(greedy(llm, LONG * 2, [8] * 8))  # an even load, so decode steps microbatch
+            assert all(s["dbo"].get("microbatched", 0) > 0 for s in llm.get_stats()["ranks"].values())
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1]

@@ -1,0 +1,62 @@
+"""torch.compile for decode steps: vLLM's `-O` / `--compilation-config` level (0 turns it off).
+
+Counted on a decode step, a decoder layer is some 100 kernels, most of them tiny elementwise ones (norms in
+float32, rotary, routing, the all-to-all's buffer building, the experts' bookkeeping); at a few microseconds
+each they, not the weights, set the step time. With compilation on, Model runs every layer of a decode-only step
+through one torch.compile'd DecoderLayer.forward. One function for all layers: parameters are graph inputs, so
+it compiles once per layer kind (dense / MoE, microbatched or not), with dynamic sizes for every batch bucket.
+Inductor fuses the small kernels into a few.
+
+What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields
+and the hand-written Triton kernels. So a compiled layer issues the same collectives, and yields at the same
+points, as an eager one; DBO's overlap and the CUDA-graph capture of a whole step work as before.
+Compilation happens on the first run of each shape, the eager warm-up before a CUDA graph is captured.
+
+Level 0 is off, any other level on; the default is on where decode steps are CUDA graphs (see
+ModelRunner), off elsewhere (CPU runs the reference paths, the tests' oracle). Prefill and mixed steps run eager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# torch.compile's backend; tests set "eager" (Dynamo's tracing and graph breaks without Inductor's code generation)
+BACKEND = os.environ.get("TWINBATCH_COMPILE_BACKEND", "inductor")
+RECOMPILE_LIMIT = 32  # layer kinds x microbatched or not x size-0/1 specialisations stay well below this
+
+
+def opaque(fn: F) -> F:
+    """Keeps fn out of compiled graphs (collectives, waits, yields, Triton launches): it runs as written."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def parse_level(value: str | int | None, default: int) -> int:
+    """`-O3`, `--compilation-config 0` or `--compilation-config '{"level": 0}'` -> the level."""
+    if value is None:
+        return default
+    if isinstance(value, int):
+        level: Any = value
+    else:
+        try:
+            level = json.loads(value)
+        except json.JSONDecodeError:
+            level = None
+        level = level.get("level", level.get("mode")) if isinstance(level, dict) else level
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 3:
+        raise ValueError(
+            f"compilation_config={value!r}; give a level 0-3 (-O0 turns torch.compile off) or a JSON object "
+            "such as '{\"level\": 0}'"
+        )
+    return level
+
+
+def compile_layer(forward: F) -> F:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(forward, backend=BACKEND, dynamic=True)
