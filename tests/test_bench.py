@@ -3,6 +3,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import torch
 
 
 def test_bench_step_reports_dbo_off_and_on() -> None:
@@ -18,3 +21,23 @@ def test_bench_step_reports_dbo_off_and_on() -> None:
     assert report["speedup"] > 0
     assert report["ideal_ms"] == max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])
     assert "overlap_efficiency" in report
+
+
+def test_bench_step_profile_writes_traces_and_kernel_tables(tmp_path: Path) -> None:
+    """--profile: a Perfetto trace and an operator table of one step with DBO off and one with DBO on, per rank
+    (on GPU the table lists kernels, graph-replayed ones included)."""
+    args = "--data-parallel-size 2 --tokens-per-rank 8 --context-len 16 --num-steps 1 --warmup 0 --all2all-backend"
+    args += f" all2all --profile {tmp_path}"
+    cmd = [sys.executable, "-m", "twinbatch", "bench", "step", *args.split()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    for name in ("dbo_off", "dbo_on"):
+        for rank in (0, 1):
+            trace = json.loads((tmp_path / f"{name}_rank{rank}.json").read_text())
+            ops = {e.get("name") for e in trace["traceEvents"]}
+            assert "aten::mm" in ops or "aten::addmm" in ops or "aten::linear" in ops
+            assert (tmp_path / f"{name}_rank{rank}.txt").read_text().startswith(f"{name}_rank{rank}: CPU operators")
+            threads = {e.get("tid") for e in trace["traceEvents"] if str(e.get("name")).startswith("aten::")}
+            if name == "dbo_on" and "profile_all_threads" in torch.profiler._ExperimentalConfig.__init__.__doc__:
+                assert len(threads) >= 3, "the microbatch threads' operators are in the trace"
+        assert f"{name}_rank0: CPU operators" in out  # rank 0's tables are printed
+    assert "dbo_off_rank1" not in out

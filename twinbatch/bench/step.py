@@ -44,7 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, help="comma-separated tokens per rank; writes --sweep-png")
     p.add_argument("--sweep-png", default="dbo_sweep.png")
     p.add_argument("--hbm-bandwidth-gbs", type=float, default=None, help="for the roofline (default: by GPU model)")
-    p.add_argument("--profile", default=None, help="directory for a torch.profiler trace of one DBO step (Perfetto)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="directory for torch.profiler traces (Perfetto) and kernel "
+        "tables of one step with DBO off and one with DBO on, after the measurements",
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
 
@@ -117,14 +122,15 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
         times = (
             _measure_modes(runner, batch, state.cpu_group, opts)
             if parallel.enable_dbo
-            else {"single": _time(lambda: runner.execute_model(batch, batch.num_tokens), runner, None, opts)}  # noqa: B023
+            else {"single": _time(_step(runner, batch, opts, ubatch=False), runner, None, opts)}
         )
         if rank == 0:
             results.put(_report(times, opts, config, runner, batch))
         if runner.graphs is not None:
             runner.graphs.clear()  # the next point has other buckets; free this one's memory
-    if opts["profile"] and parallel.enable_dbo:
-        _profile(lambda: runner.execute_model(batch, batch.num_tokens, microbatch=True), opts["profile"], rank)
+    if opts["profile"]:
+        for name, ubatch in [("dbo_off", False), ("dbo_on", True)] if parallel.enable_dbo else [("single", False)]:
+            _profile(_step(runner, batch, opts, ubatch), opts["profile"], f"{name}_rank{rank}", echo=rank == 0)
     runner.shutdown()
     destroy_distributed()
 
@@ -133,12 +139,11 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
     """DBO off and on, as CUDA graphs where the step is a graph-eligible decode (and eagerly too); then the
     decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
     on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
-    bucket = runner.graphs.batch_bucket(batch.num_tokens) if runner.graphs and opts["phase"] == "decode" else None
 
-    def step(ubatch: bool, graph: bool = True) -> Callable[[], None]:
-        b = bucket if graph else None
-        return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph_bucket=b)
+    def step(ubatch: bool, graph: bool = True) -> Callable[[], object]:
+        return _step(runner, batch, opts, ubatch, graph)
 
+    bucket = _graph_bucket(runner, batch, opts)
     times = {"dbo_off": _time(step(False), runner, group, opts), "dbo_on": _time(step(True), runner, group, opts)}
     if bucket is not None:
         times["dbo_off_eager"] = _time(step(False, graph=False), runner, group, opts)
@@ -154,6 +159,17 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
     recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
     times["comm_only"] = _time(lambda: Collectives.replay(recorded), runner, group, opts)
     return times
+
+
+def _graph_bucket(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> int | None:
+    """The CUDA-graph batch bucket of a decode step, as the engine would replay it; None: the step runs eager."""
+    return runner.graphs.batch_bucket(batch.num_tokens) if runner.graphs and opts["phase"] == "decode" else None
+
+
+def _step(runner: ModelRunner, batch: SchedulerOutput, opts: dict, ubatch: bool, graph: bool = True
+          ) -> Callable[[], object]:  # fmt: skip
+    bucket = _graph_bucket(runner, batch, opts) if graph else None
+    return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph_bucket=bucket)
 
 
 def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: float) -> float:
@@ -196,16 +212,47 @@ def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict)
     return times
 
 
-def _profile(fn: Callable[[], object], directory: str, rank: int) -> None:
+def _profile(fn: Callable[[], object], directory: str, name: str, echo: bool) -> None:
+    """A torch.profiler trace of one step (fn) for Perfetto, DIR/NAME.json, and its kernel table, DIR/NAME.txt
+    (printed too where echo). One untraced run first, so capture and compilation stay out of the trace."""
+    fn()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+        torch.cuda.synchronize()
+    try:  # the microbatch threads' operators too, not only this thread's
+        config = {"experimental_config": torch.profiler._ExperimentalConfig(profile_all_threads=True)}
+    except TypeError:  # a torch without the option: GPU kernels are still traced from every thread
+        config = {}
+    with torch.profiler.profile(activities=activities, **config) as prof:
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     Path(directory).mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(Path(directory) / f"dbo_step_rank{rank}.json"))
+    prof.export_chrome_trace(str(Path(directory) / f"{name}.json"))
+    table = f"{name}: {kernel_table(prof)}"
+    (Path(directory) / f"{name}.txt").write_text(table + "\n")
+    if echo:
+        print(table, flush=True)
+
+
+def kernel_table(prof: torch.profiler.profile, top: int = 25) -> str:
+    """GPU kernels by total time (also those a CUDA graph replays, which have no CPU op above them); on CPU,
+    the operators by self time."""
+    on_gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not on_gpu:
+        return "CPU operators\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    by_name: dict[str, list[float]] = {}
+    for e in on_gpu:
+        count_us = by_name.setdefault(e.name, [0, 0.0])
+        count_us[0] += 1
+        count_us[1] += e.device_time
+    total = sum(us for _, us in by_name.values())
+    lines = [f"{len(on_gpu)} GPU kernels and copies, {total / 1e3:.2f} ms of GPU time",
+             f"{'ms':>8} {'share':>6} {'calls':>6} {'us/call':>8}  kernel"]  # fmt: skip
+    for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{us / 1e3:8.3f} {us / total:6.1%} {n:6d} {us / n:8.1f}  {name[:100]}")
+    return "\n".join(lines)
 
 
 def _report(
@@ -229,9 +276,10 @@ def _report(
         "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
     }  # fmt: skip
     bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
-    if bandwidth and opts["phase"] == "decode" and "compute_only" in report:
+    compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication
+    if bandwidth and opts["phase"] == "decode" and compute:
         report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
-        report["compute_only_vs_roofline"] = report["compute_only"]["median_ms"] / report["hbm_roofline_ms"]
+        report["compute_only_vs_roofline"] = compute["median_ms"] / report["hbm_roofline_ms"]
     return report
 
 
