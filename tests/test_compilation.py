@@ -72,3 +72,14 @@ def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -
         finally:
             llm.shutdown()
     assert results[0] == results[1]
+
+
+@pytest.mark.usefixtures("eager_backend")
+def test_a_compile_failure_says_how_to_turn_compilation_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+        raise ValueError("no code generator here")
+
+    monkeypatch.setattr(compilation, "BACKEND", failing_backend)
+    llm = LLM(compilation_config="3", **FAST)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on a decode layer .*-O0"):
+        greedy(llm, PROMPTS[:1], [4])

@@ -68,21 +68,29 @@ def test_dp2_ep2_on_two_gpus_matches_one_gpu(dsv2_dir: Path, backend: str) -> No
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all", "all2allv"])
 def test_dbo_on_two_gpus_matches_dbo_off(dsv2_dir: Path, backend: str) -> None:
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "all2all_backend": backend}
+    stats = dbo_matches_dbo_off(dsv2_dir, kwargs, kwargs)
+    assert stats["dbo"].get("microbatched", 0) > 0
+
+
+def dbo_matches_dbo_off(dsv2_dir: Path, off_kwargs: dict, on_kwargs: dict) -> dict:
+    """DP=2 EP=2 greedy tokens of an even load (so decode steps microbatch) with DBO off, then on; they must agree.
+    Returns the DBO engine's stats."""
     from test_data_parallel import greedy
     from test_dbo import LONG
 
-    prompts, max_tokens = LONG * 2, [8] * 8  # an even load, so decode steps microbatch
-    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "data_parallel_size": 2,
-              "enable_expert_parallel": True, "all2all_backend": backend}  # fmt: skip
-    off = LLM(str(dsv2_dir), **kwargs)
+    prompts, max_tokens = LONG * 2, [8] * 8
+    dp = {"data_parallel_size": 2, "enable_expert_parallel": True}
+    dbo = {"enable_dbo": True, "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2}
+    off = LLM(str(dsv2_dir), **dp, **off_kwargs)
     try:
         expected = greedy(off, prompts, max_tokens)
     finally:
         off.shutdown()
-    on = LLM(str(dsv2_dir), enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=2, **kwargs)
+    on = LLM(str(dsv2_dir), **dp, **dbo, **on_kwargs)
     try:
         assert greedy(on, prompts, max_tokens) == expected
-        assert on.get_stats()["dbo"].get("microbatched", 0) > 0
+        return on.get_stats()
     finally:
         on.shutdown()
 
@@ -232,22 +240,9 @@ def assert_same_until_a_near_tie(tokens: list[int], logits: torch.Tensor, other_
 def test_compiled_dbo_graphs_match_uncompiled_eager_dbo_off(dsv2_dir: Path) -> None:
     """The whole fast path (compiled layers, DBO microbatches captured in one CUDA graph) against the plainest
     GPU run (no compile, no graphs, DBO off), in float32 (Triton experts) so the tokens must agree."""
-    from test_data_parallel import greedy
-    from test_dbo import LONG
-
-    prompts, max_tokens = LONG * 2, [8] * 8
-    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "data_parallel_size": 2,
-              "enable_expert_parallel": True, "all2all_backend": "all2all", "moe_backend": "triton"}  # fmt: skip
-    plain = LLM(str(dsv2_dir), enforce_eager=True, compilation_config="0", **kwargs)
-    try:
-        expected = greedy(plain, prompts, max_tokens)
-    finally:
-        plain.shutdown()
-    fast = LLM(str(dsv2_dir), enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=2, **kwargs)
-    try:
-        assert greedy(fast, prompts, max_tokens) == expected
-        for stats in fast.get_stats()["ranks"].values():
-            assert stats["dbo"].get("microbatched", 0) > 0
-            assert any(microbatched for _, _, microbatched in stats["cuda_graphs"])
-    finally:
-        fast.shutdown()
+    kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 128, "all2all_backend": "all2all",
+              "moe_backend": "triton"}  # fmt: skip
+    stats = dbo_matches_dbo_off(dsv2_dir, {"enforce_eager": True, "compilation_config": "0", **kwargs}, kwargs)
+    for rank in stats["ranks"].values():
+        assert rank["dbo"].get("microbatched", 0) > 0
+        assert any(microbatched for _, _, microbatched in rank["cuda_graphs"])

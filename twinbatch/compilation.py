@@ -18,6 +18,7 @@ ModelRunner), off elsewhere (CPU runs the reference paths, the tests' oracle). P
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -58,5 +59,24 @@ def parse_level(value: str | int | None, default: int) -> int:
 
 
 def compile_layer(forward: F) -> F:
+    """forward under torch.compile, one per process and backend: engines built in one process (tests, the
+    oracle runs beside the fast ones) reuse what an earlier one compiled wherever the guards allow."""
+    return _compiled(forward, BACKEND)
+
+
+@functools.cache
+def _compiled(forward: F, backend: str) -> F:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(forward, backend=BACKEND, dynamic=True)
+    compiled = torch.compile(forward, backend=backend, dynamic=True)
+
+    @functools.wraps(forward)
+    def run(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise RuntimeError(
+                f"torch.compile failed on a decode layer ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                "-O0 (--compilation-config 0) runs the layers uncompiled"
+            ) from e
+
+    return run  # type: ignore[return-value]
