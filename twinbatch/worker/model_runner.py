@@ -15,6 +15,7 @@ import torch
 
 from twinbatch.compilation import compile_layer
 from twinbatch.config import EngineConfig
+from twinbatch.distributed.collectives import COLLECTIVES
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
@@ -99,6 +100,33 @@ class ModelRunner:
         self.buffers = InputBuffers(
             sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
         )
+        if self.model.model.compiled_layer is not None:
+            self._compile_alone()
+
+    @torch.inference_mode()
+    def _compile_alone(self) -> None:
+        """Compiles the decode layers now, on this rank alone: communication is replaced by local copies, so no
+        rank waits in a collective (whose timeout a first compilation can outlast) while another compiles, and
+        the first steps run compiled code. Padding requests of 1 and 2 tokens, and microbatched steps of 1 and 2
+        tokens a microbatch, cover Dynamo's 0/1 specialisations; every other size reuses these graphs."""
+        sched, n = self.config.scheduler, self.config.parallel.ubatch_size
+
+        def padding(b: int) -> StepInputs:
+            inputs = self.prepare_inputs(SchedulerOutput(), num_padded_tokens=b, pad_requests=True)
+            # a context bound past one block, as real steps have (a one-block bound would be a specialisation)
+            inputs.attn.max_seq_len = min(2 * self.block_size + 1, sched.max_model_len)
+            return inputs
+
+        skip, COLLECTIVES.skip = COLLECTIVES.skip, True
+        try:
+            for b in (1, 2):
+                inputs = padding(b)
+                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, b))
+            for b in (n, 2 * n) if self.ubatched is not None else ():
+                if b <= min(sched.max_num_seqs, sched.max_num_batched_tokens):
+                    self.ubatched(padding(b), list(range(b + 1)))
+        finally:
+            COLLECTIVES.skip = skip
 
     def shutdown(self) -> None:
         """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
