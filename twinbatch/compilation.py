@@ -7,13 +7,13 @@ through one torch.compile'd DecoderLayer.forward. One function for all layers: p
 it compiles once per layer kind (dense / MoE, microbatched or not), with dynamic sizes for every batch bucket.
 Inductor fuses the small kernels into a few.
 
-What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields
-and the hand-written Triton kernels. So a compiled layer issues the same collectives, and yields at the same
-points, as an eager one; DBO's overlap and the CUDA-graph capture of a whole step work as before.
-Compilation happens on the first run of each shape, the eager warm-up before a CUDA graph is captured.
+What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields,
+the hand-written Triton kernels and the KV-cache write. So a compiled layer issues the same collectives, and
+yields at the same points, as an eager one; DBO's overlap and the CUDA-graph capture of a whole step work as
+before. The model runner compiles while it is built, on each rank alone (ModelRunner._compile_alone).
 
-Level 0 is off, any other level on; the default is on where decode steps are CUDA graphs (see
-ModelRunner), off elsewhere (CPU runs the reference paths, the tests' oracle). Prefill and mixed steps run eager.
+Level 0 is off, any other level on; the default is on for CUDA where decode steps can be CUDA graphs, off on
+CPU (which runs the reference paths, the tests' oracle). Prefill and mixed steps run eager.
 """
 
 from __future__ import annotations

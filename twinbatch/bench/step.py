@@ -44,12 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, help="comma-separated tokens per rank; writes --sweep-png")
     p.add_argument("--sweep-png", default="dbo_sweep.png")
     p.add_argument("--hbm-bandwidth-gbs", type=float, default=None, help="for the roofline (default: by GPU model)")
-    p.add_argument(
-        "--profile",
-        default=None,
-        help="directory for torch.profiler traces (Perfetto) and kernel "
-        "tables of one step with DBO off and one with DBO on, after the measurements",
-    )
+    p.add_argument("--profile", default=None, help="directory for Perfetto traces and kernel tables of one step "
+                   "with DBO off and one with DBO on")  # fmt: skip
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
 

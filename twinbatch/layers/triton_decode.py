@@ -139,9 +139,10 @@ def num_splits_for(max_seq_len: int, programs: int, device: torch.device, d_k: i
 def kernel_config(d_k: int, itemsize: int, splits: int, programs: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). A key tile [BLOCK_N, d_k] of at most 72 KB, so that two pipeline stages
     fit in shared memory (227 KB on H100/H200); half that for split launches (few requests: more, shorter tiles
-    in flight measured faster). MLA (d_k > 256) with fewer programs than SMs: 128-token tiles and 8 warps, which
-    on H200 took 90 us instead of 153 us for 128 requests of 1025 tokens, and 84 instead of 161 for 32."""
-    if d_k > 256 and splits == 1 and programs < _num_sms(device):
+    in flight measured faster). MLA (d_k > 256) in 16-bit with fewer programs than SMs: 128-token tiles and 8
+    warps, which on H200 took 90 us instead of 153 us for 128 requests of 1025 tokens, and 84 instead of 161 for
+    32 (float32 tiles would be twice the size: not measured, so left as they were)."""
+    if d_k > 256 and itemsize <= 2 and splits == 1 and programs < _num_sms(device):
         return 128, 8, 2
     budget = (72 if splits == 1 else 36) * 1024
     block_n = max(16, min(64, triton.next_power_of_2(budget // (d_k * itemsize) + 1) // 2))
