@@ -117,14 +117,14 @@ class ModelRunner:
             inputs.attn.max_seq_len = min(2 * self.block_size + 1, sched.max_model_len)
             return inputs
 
+        limit = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # the input buffers' rows
         skip, COLLECTIVES.skip = COLLECTIVES.skip, True
         try:
-            for b in (1, 2):
+            for b in (b for b in (1, 2) if b <= limit):
                 inputs = padding(b)
                 self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, b))
-            for b in (n, 2 * n) if self.ubatched is not None else ():
-                if b <= min(sched.max_num_seqs, sched.max_num_batched_tokens):
-                    self.ubatched(padding(b), list(range(b + 1)))
+            for b in (b for b in (n, 2 * n) if b <= limit and self.ubatched is not None):
+                self.ubatched(padding(b), list(range(b + 1)))
         finally:
             COLLECTIVES.skip = skip
 
