@@ -82,18 +82,19 @@ def paged_attention_reference(
             continue
         k, v = expand_kv(gather_kv(cache, meta.block_tables[i], seq_len))
         # causal with the queries at the end of the sequence; a bias object, not a mask tensor, so SDPA may use its
-        # fused kernels (a materialised mask forces the float32 math path on GPU)
+        # fused kernels (a materialised mask forces the float32 math path on GPU). The fused kernels also take only
+        # 4-d inputs [batch, heads, seq, dim]: with 3-d ones SDPA falls back to the math path as well
         mask = causal_lower_right(hi - lo, seq_len) if hi - lo < seq_len else None
         o = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
+            q[lo:hi].transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        out[lo:hi] = o.transpose(0, 1)
+        out[lo:hi] = o[0].transpose(0, 1)
     return out
 
 
