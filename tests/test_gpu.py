@@ -203,8 +203,9 @@ def test_dbo_graph_recapture_does_not_leak_memory() -> None:
 @pytest.mark.parametrize(("model_fixture", "dtype"), [("dsv2_dir", "bfloat16"), ("qwen3_dir", "bfloat16"),
                                                       ("dsv2_dir", "float32"), ("qwen3_dir", "float32")])  # fmt: skip
 def test_compiled_decode_matches_uncompiled(model_fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
-    """Decode layers under torch.compile (Inductor, the default on GPU) inside CUDA graphs against -O0: the same
-    tokens, logits within bf16 rounding. float32 runs the Triton experts (grouped GEMM needs bf16)."""
+    """Decode layers under torch.compile (Inductor, the default on GPU) inside CUDA graphs against -O0. float32
+    (Triton experts; grouped GEMM needs bf16): the same tokens, logits within 1e-4. bf16: logits within 0.1 up to
+    the first differing token, which must be a near-tie."""
     model_dir = request.getfixturevalue(model_fixture)
     kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 128}
     if dtype == "float32":
@@ -218,7 +219,7 @@ def test_compiled_decode_matches_uncompiled(model_fixture: str, dtype: str, requ
         assert runner.graphs.graphs
     if dtype == "float32":
         assert results[0][0] == results[1][0]
-    atol = 5e-2 if dtype == "bfloat16" else 1e-4
+    atol = 0.1 if dtype == "bfloat16" else 1e-4  # bf16: rounding drifts through the cache; a wrong layer is O(1)
     for tokens, logits, compiled_tokens, compiled_logits in zip(*results[0][:2], *results[1][:2], strict=True):
         assert_same_until_a_near_tie(tokens, logits, compiled_tokens, compiled_logits, atol)
 
