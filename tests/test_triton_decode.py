@@ -163,7 +163,8 @@ def test_split_count_fills_the_gpu_without_tiny_splits(monkeypatch: pytest.Monke
 
 def _whole_model(tmp_path: Path) -> None:
     """Runs in the worker: each model with attention_backend="triton" (float32) matches HF, and its decode steps
-    went through the kernel."""
+    went through the kernel; also with chunked prefill (an 8-token budget), whose mixed steps send their
+    decodes to the kernel."""
     from hf_oracle import make_deepseek_v2, make_qwen3_moe
     from test_hf_parity import PROMPTS, assert_matches_hf, make_llm
 
@@ -174,9 +175,11 @@ def _whole_model(tmp_path: Path) -> None:
     try:
         for make in (make_deepseek_v2, make_qwen3_moe):
             model_dir = make(tmp_path / make.__name__)
-            assert_matches_hf(model_dir, make_llm(model_dir, attention_backend="triton", block_size=4), PROMPTS[:2])
-            assert calls, f"no decode step of {make.__name__} went through the Triton kernel"
-            calls.clear()
+            for chunked in ({}, {"max_num_batched_tokens": 8}):
+                llm = make_llm(model_dir, attention_backend="triton", block_size=4, **chunked)
+                assert_matches_hf(model_dir, llm, PROMPTS[:2])
+                assert calls, f"no decode step of {make.__name__} went through the Triton kernel ({chunked})"
+                calls.clear()
     finally:
         triton_decode._launch = launch
 

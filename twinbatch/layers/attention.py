@@ -61,6 +61,34 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 ExpandKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class Decodes:
+    """The requests of a mixed step that have one new token: a decode kernel serves them while the others take
+    the reference loop (which would gather, expand and run SDPA once per request)."""
+
+    requests: frozenset[int]  # their indices in the step
+    rows: torch.Tensor  # [n] int64, their token rows
+    meta: AttentionMetadata  # decode-only metadata of theirs alone
+
+
+def decodes_of(meta: AttentionMetadata) -> Decodes | None:
+    """The one-new-token requests of a step that is not decode-only, or None. Reads the host offsets, which the
+    reference loop reads anyway. A one-token query at the end of its sequence is exactly a decode, whether
+    it continues a generation or ends a prefill chunk."""
+    starts, seq_lens = meta.host
+    requests = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
+    if not requests or meta.decode_only:
+        return None
+    index = torch.tensor(requests, device=meta.seq_lens.device)
+    rows = meta.query_start_loc[index].long()
+    sub = AttentionMetadata(
+        query_start_loc=torch.arange(len(requests) + 1, dtype=meta.query_start_loc.dtype, device=index.device),
+        seq_lens=meta.seq_lens[index], block_tables=meta.block_tables[index], slot_mapping=meta.slot_mapping[rows],
+        block_size=meta.block_size, decode_only=True, max_seq_len=max(seq_lens[i] for i in requests),
+    )  # fmt: skip
+    return Decodes(frozenset(requests), rows, sub)
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -68,17 +96,19 @@ def paged_attention_reference(
     expand_kv: ExpandKV,
     scale: float,
     v_dim: int,
+    skip: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its cached context.
 
     q: [num_tokens, num_heads, qk_dim]; expand_kv turns gathered cache entries [seq_len, *E] into
-    k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim].
+    k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim];
+    the rows of requests in `skip` (served by a decode kernel) are left 0.
     """
     starts, seq_lens = meta.host
     out = q.new_zeros(q.shape[0], q.shape[1], v_dim)  # padding tokens attend to nothing
     for i, seq_len in enumerate(seq_lens):
         lo, hi = starts[i], starts[i + 1]
-        if hi == lo:
+        if hi == lo or i in skip:
             continue
         k, v = expand_kv(gather_kv(cache, meta.block_tables[i], seq_len))
         # causal with the queries at the end of the sequence; a bias object, not a mask tensor, so SDPA may use its

@@ -6,7 +6,13 @@ Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and 
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
+from twinbatch.layers.attention import (
+    AttentionMetadata,
+    decodes_of,
+    gather_batched,
+    paged_attention_reference,
+    write_kv,
+)
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.hf_config import ModelConfig
@@ -39,12 +45,19 @@ class Qwen3MoeAttention(nn.Module):
         q, k = self.rotary(positions, q, k)
         write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
         if self.decode_backend != "reference" and meta.decode_only:
-            out = self._decode_triton(q, meta) if self.decode_backend == "triton" else self._decode_batched(q, meta)
-        else:
+            out = self._decode(q, meta)
+        else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
+            decodes = decodes_of(meta) if self.decode_backend != "reference" else None
             out = paged_attention_reference(
-                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim
-            )
+                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim,
+                decodes.requests if decodes else frozenset(),
+            )  # fmt: skip
+            if decodes:
+                out[decodes.rows] = self._decode(q[decodes.rows], decodes.meta)
         return self.o_proj(out.flatten(1))
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self._decode_triton(q, meta) if self.decode_backend == "triton" else self._decode_batched(q, meta)
 
     def _decode_triton(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The fused paged-KV kernel, reading the cache in place; one token per request, padding tokens get 0."""
