@@ -62,6 +62,26 @@ def test_dbo_on_matches_off(dsv2_dir: Path, one_process: LLM, backend: str, n: i
         llm.shutdown()
 
 
+def test_dbo_on_matches_off_with_the_batched_kernels(dsv2_dir: Path) -> None:
+    """The GPU's kinds of kernels on CPU: batched decode attention, whose mixed steps (chunked prefill beside
+    decodes, requests cut between microbatches) send their one-token requests to it, and grouped-GEMM experts."""
+    fast = {"attention_backend": "batched", "moe_backend": "grouped_mm", "max_num_batched_tokens": 24}
+    prompts, max_tokens = LONG + PROMPTS[:2], [8, 6, 8, 6, 10, 4]
+    off = LLM(str(dsv2_dir), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
+              all2all_backend="all2all", **fast)  # fmt: skip
+    try:
+        expected = greedy(off, prompts, max_tokens)
+    finally:
+        off.shutdown()
+    llm = dbo_llm(dsv2_dir, **fast)
+    try:
+        tokens, steps = run(llm, prompts, max_tokens)
+        assert tokens == expected
+        assert steps.get("microbatched", 0) > 0, steps
+    finally:
+        llm.shutdown()
+
+
 def test_thresholds_decide_which_steps_microbatch(dsv2_dir: Path, one_process: LLM) -> None:
     """Decode threshold 4 tokens per rank, prefill threshold 40: 3 decodes per rank stay whole, 5 split;
     prefill steps split only from 40 tokens."""
