@@ -217,8 +217,9 @@ def test_bench_serve_times_a_fake_server(tmp_path: Path, capsys: pytest.CaptureF
         assert p["model"] == "fake-model" and p["max_tokens"] == out_len and p["ignore_eos"] is True
         assert p["stream"] is True and p["stream_options"] == {"include_usage": True}
         assert len(p["prompt"]) == 6 and all(isinstance(t, int) and 0 <= t < 50 for t in p["prompt"])
-    # the server's schedule, within scheduling noise (never faster than the server's sleeps)
-    assert all(ttft <= t < ttft + 0.15 for t in r["ttfts"])
+    # the server's schedule, within scheduling noise (never faster than the server's sleeps); on the loaded
+    # 2-core CI machine one first token has come 0.23 s late
+    assert all(ttft <= t < ttft + 0.4 for t in r["ttfts"])
     assert itl * 0.8 <= r["median_itl_ms"] / 1e3 < itl + 0.05
     assert itl <= r["mean_tpot_ms"] / 1e3 < itl + 0.05
     assert all(e >= ttft + (out_len - 1) * itl for e in r["e2els"])
@@ -247,7 +248,7 @@ def test_bench_serve_counts_failures_and_paces_arrivals(tmp_path: Path) -> None:
     assert r["total_input_tokens"] == sum(len(p["prompt"]) for p in served)
     arrivals = app.state.log["arrivals"]
     assert r["duration"] >= n / rate  # the last request is sent at n / rate
-    assert max(arrivals) - min(arrivals) <= n / rate + 0.1
+    assert max(arrivals) - min(arrivals) <= n / rate + 0.5  # scheduling noise: 0.18 s seen on the CI machine
 
 
 @pytest.mark.parametrize(
