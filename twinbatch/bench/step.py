@@ -145,10 +145,10 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
         times["dbo_off_eager"] = _time(step(False, graph=False), runner, group, opts)
         times["dbo_on_eager"] = _time(step(True, graph=False), runner, group, opts)
         runner.graphs.clear()  # the compute-only steps are captured anew, without communication
-    COLLECTIVES.skip = True
-    times["compute_only"] = _time(step(False), runner, group, opts)
-    times["compute_only_dbo"] = _time(step(True), runner, group, opts)
-    COLLECTIVES.skip, COLLECTIVES.recording = False, []
+    with COLLECTIVES.skipped():
+        times["compute_only"] = _time(step(False), runner, group, opts)
+        times["compute_only_dbo"] = _time(step(True), runner, group, opts)
+    COLLECTIVES.recording = []
     if bucket is not None:
         runner.graphs.clear()
     step(True, graph=False)()

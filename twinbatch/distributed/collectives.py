@@ -1,11 +1,13 @@
 """The collectives the all-to-all backends issue, behind one switch for benchmarks.
 
-`COLLECTIVES.skip = True` replaces communication with a local copy of the same shape (a compute-only step);
+`with COLLECTIVES.skipped():` replaces communication with a local copy of the same shape (a compute-only step);
 `COLLECTIVES.recording = []` notes every collective so `replay` can time the communication alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,15 @@ class Collectives:
             out.copy_(inp.view(-1, *out.shape)[dist.get_rank(group)])
             return self._done
         return _reduce_scatter(out, inp, group=group, async_op=True)
+
+    @contextlib.contextmanager
+    def skipped(self) -> Iterator[None]:
+        """Communication replaced by local copies inside the block (compute-only steps), then as it was."""
+        before, self.skip = self.skip, True
+        try:
+            yield
+        finally:
+            self.skip = before
 
     def _note(self, kind: str, out: torch.Tensor, inp: torch.Tensor, kwargs: dict[str, Any]) -> bool:
         """Records the call if recording; returns True when communication is to be skipped."""

@@ -118,15 +118,12 @@ class ModelRunner:
             return inputs
 
         limit = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # the input buffers' rows
-        skip, COLLECTIVES.skip = COLLECTIVES.skip, True
-        try:
+        with COLLECTIVES.skipped():
             for b in (b for b in (1, 2) if b <= limit):
                 inputs = padding(b)
                 self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, b))
             for b in (b for b in (n, 2 * n) if b <= limit and self.ubatched is not None):
                 self.ubatched(padding(b), list(range(b + 1)))
-        finally:
-            COLLECTIVES.skip = skip
 
     def shutdown(self) -> None:
         """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
