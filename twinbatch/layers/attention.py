@@ -72,12 +72,12 @@ class Decodes:
 
 
 def decodes_of(meta: AttentionMetadata) -> Decodes | None:
-    """The one-new-token requests of a step that is not decode-only, or None. Reads the host offsets, which the
+    """The one-new-token requests of a prefill or mixed step, or None. Reads the host offsets, which the
     reference loop reads anyway. A one-token query at the end of its sequence is exactly a decode, whether
     it continues a generation or ends a prefill chunk."""
     starts, seq_lens = meta.host
     requests = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-    if not requests or meta.decode_only:
+    if not requests:
         return None
     index = torch.tensor(requests, device=meta.seq_lens.device)
     rows = meta.query_start_loc[index].long()
@@ -125,6 +125,29 @@ def paged_attention_reference(
             enable_gqa=k.shape[1] != q.shape[1],
         )
         out[lo:hi] = o[0].transpose(0, 1)
+    return out
+
+
+DecodeFn = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def paged_attention_mixed(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    expand_kv: ExpandKV,
+    scale: float,
+    v_dim: int,
+    decode: DecodeFn | None,
+) -> torch.Tensor:
+    """A prefill or mixed step: the reference loop, except that the requests with one new token go to
+    decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together. decode None (the
+    reference backend): every request takes the loop."""
+    decodes = decodes_of(meta) if decode is not None else None
+    if decodes is None:
+        return paged_attention_reference(q, cache, meta, expand_kv, scale, v_dim)
+    out = paged_attention_reference(q, cache, meta, expand_kv, scale, v_dim, decodes.requests)
+    out[decodes.rows] = decode(decodes.rows, decodes.meta)
     return out
 
 

@@ -8,13 +8,7 @@ per-head keys and values with kv_b_proj when attending.
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import (
-    AttentionMetadata,
-    decodes_of,
-    gather_batched,
-    paged_attention_reference,
-    write_kv,
-)
+from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_mixed, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding, softmax_scale
 from twinbatch.models.hf_config import ModelConfig
@@ -55,12 +49,11 @@ class DeepseekV2Attention(nn.Module):
         if self.decode_backend != "reference" and meta.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, meta)
         else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
-            decodes = decodes_of(meta) if self.decode_backend != "reference" else None
+            decode = None
+            if self.decode_backend != "reference":
+                decode = lambda rows, m: self._decode_absorbed(q_nope[rows], q_pe[rows], m)  # noqa: E731
             q = torch.cat([q_nope, q_pe], dim=-1)
-            skip = decodes.requests if decodes else frozenset()
-            out = paged_attention_reference(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim, skip)
-            if decodes:
-                out[decodes.rows] = self._decode_absorbed(q_nope[decodes.rows], q_pe[decodes.rows], decodes.meta)
+            out = paged_attention_mixed(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim, decode)
         return self.o_proj(out.flatten(1))
 
     def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

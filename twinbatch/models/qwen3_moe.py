@@ -6,13 +6,7 @@ Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and 
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import (
-    AttentionMetadata,
-    decodes_of,
-    gather_batched,
-    paged_attention_reference,
-    write_kv,
-)
+from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_mixed, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.hf_config import ModelConfig
@@ -47,13 +41,10 @@ class Qwen3MoeAttention(nn.Module):
         if self.decode_backend != "reference" and meta.decode_only:
             out = self._decode(q, meta)
         else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
-            decodes = decodes_of(meta) if self.decode_backend != "reference" else None
-            out = paged_attention_reference(
-                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim,
-                decodes.requests if decodes else frozenset(),
-            )  # fmt: skip
-            if decodes:
-                out[decodes.rows] = self._decode(q[decodes.rows], decodes.meta)
+            decode = (lambda rows, m: self._decode(q[rows], m)) if self.decode_backend != "reference" else None
+            out = paged_attention_mixed(
+                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim, decode
+            )
         return self.o_proj(out.flatten(1))
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
