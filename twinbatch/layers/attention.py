@@ -89,6 +89,9 @@ def decodes_of(meta: AttentionMetadata) -> Decodes | None:
     return Decodes(frozenset(requests), rows, sub)
 
 
+DecodeFn = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -96,15 +99,18 @@ def paged_attention_reference(
     expand_kv: ExpandKV,
     scale: float,
     v_dim: int,
-    skip: frozenset[int] = frozenset(),
+    decode: DecodeFn | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its cached context.
 
     q: [num_tokens, num_heads, qk_dim]; expand_kv turns gathered cache entries [seq_len, *E] into
-    k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim];
-    the rows of requests in `skip` (served by a decode kernel) are left 0.
+    k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim].
+    With `decode` (a prefill or mixed step on a fast backend), the requests with one new token skip the loop and
+    go to decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together.
     """
     starts, seq_lens = meta.host
+    decodes = decodes_of(meta) if decode is not None else None
+    skip = decodes.requests if decodes else frozenset()
     out = q.new_zeros(q.shape[0], q.shape[1], v_dim)  # padding tokens attend to nothing
     for i, seq_len in enumerate(seq_lens):
         lo, hi = starts[i], starts[i + 1]
@@ -125,29 +131,8 @@ def paged_attention_reference(
             enable_gqa=k.shape[1] != q.shape[1],
         )
         out[lo:hi] = o[0].transpose(0, 1)
-    return out
-
-
-DecodeFn = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
-
-
-def paged_attention_mixed(
-    q: torch.Tensor,
-    cache: torch.Tensor,
-    meta: AttentionMetadata,
-    expand_kv: ExpandKV,
-    scale: float,
-    v_dim: int,
-    decode: DecodeFn | None,
-) -> torch.Tensor:
-    """A prefill or mixed step: the reference loop, except that the requests with one new token go to
-    decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together. decode None (the
-    reference backend): every request takes the loop."""
-    decodes = decodes_of(meta) if decode is not None else None
-    if decodes is None:
-        return paged_attention_reference(q, cache, meta, expand_kv, scale, v_dim)
-    out = paged_attention_reference(q, cache, meta, expand_kv, scale, v_dim, decodes.requests)
-    out[decodes.rows] = decode(decodes.rows, decodes.meta)
+    if decodes:
+        out[decodes.rows] = decode(decodes.rows, decodes.meta)
     return out
 
 

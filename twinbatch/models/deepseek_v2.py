@@ -8,7 +8,7 @@ per-head keys and values with kv_b_proj when attending.
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_mixed, write_kv
+from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding, softmax_scale
 from twinbatch.models.hf_config import ModelConfig
@@ -53,7 +53,7 @@ class DeepseekV2Attention(nn.Module):
             if self.decode_backend != "reference":
                 decode = lambda rows, m: self._decode_absorbed(q_nope[rows], q_pe[rows], m)  # noqa: E731
             q = torch.cat([q_nope, q_pe], dim=-1)
-            out = paged_attention_mixed(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim, decode)
+            out = paged_attention_reference(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim, decode)
         return self.o_proj(out.flatten(1))
 
     def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

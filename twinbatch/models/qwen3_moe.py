@@ -6,7 +6,7 @@ Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and 
 import torch
 from torch import nn
 
-from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_mixed, write_kv
+from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.hf_config import ModelConfig
@@ -42,7 +42,7 @@ class Qwen3MoeAttention(nn.Module):
             out = self._decode(q, meta)
         else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
             decode = (lambda rows, m: self._decode(q[rows], m)) if self.decode_backend != "reference" else None
-            out = paged_attention_mixed(
+            out = paged_attention_reference(
                 q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim, decode
             )
         return self.o_proj(out.flatten(1))
