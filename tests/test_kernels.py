@@ -15,16 +15,18 @@ def make_experts(dtype: torch.dtype) -> Experts:
     return experts
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), [(torch.float32, 1e-5, 0), (torch.bfloat16, 2e-2, 1.6e-2)])
 @pytest.mark.parametrize("num_tokens", [0, 1, 9])
-def test_grouped_mm_experts_match_reference(dtype: torch.dtype, atol: float, num_tokens: int) -> None:
+def test_grouped_mm_experts_match_reference(dtype: torch.dtype, atol: float, rtol: float, num_tokens: int) -> None:
+    """bf16: the reference rounds each expert's output before adding, grouped_mm sums in float32 and rounds
+    once, so the two may differ by an ulp (0.03 at 4.0)."""
     experts = make_experts(dtype)
     x = torch.randn(num_tokens, 32, dtype=dtype)
     ids = torch.randint(0, 8, (num_tokens, 3))  # ids 6 and 7 belong to another rank: skipped
     weights = torch.rand(num_tokens, 3)
     reference = experts(x, weights, ids)
     experts.backend = "grouped_mm"
-    torch.testing.assert_close(experts(x, weights, ids), reference, atol=atol, rtol=0)
+    torch.testing.assert_close(experts(x, weights, ids), reference, atol=atol, rtol=rtol)
 
 
 def test_batched_gather_masks_unwritten_cache() -> None:

@@ -121,6 +121,8 @@ def paged_attention_reference(
         # fused kernels (a materialised mask forces the float32 math path on GPU). The fused kernels also take only
         # 4-d inputs [batch, heads, seq, dim]: with 3-d ones SDPA falls back to the math path as well
         mask = causal_lower_right(hi - lo, seq_len) if hi - lo < seq_len else None
+        if mask is not None and v_dim < q.shape[-1]:  # the lower-right kernel (flash) needs equal head dims;
+            v = F.pad(v, (0, q.shape[-1] - v_dim))  # without, MLA's 192/128 took the math path
         o = F.scaled_dot_product_attention(
             q[lo:hi].transpose(0, 1)[None],
             k.transpose(0, 1)[None],
@@ -130,7 +132,7 @@ def paged_attention_reference(
             scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        out[lo:hi] = o[0].transpose(0, 1)
+        out[lo:hi] = o[0, ..., :v_dim].transpose(0, 1)
     if decodes:
         out[decodes.rows] = decode(decodes.rows, decodes.meta)
     return out
