@@ -1,5 +1,10 @@
 """The collectives the all-to-all backends issue, behind one switch for benchmarks.
 
+Each one starts asynchronously and appends its work to the `works` list it is given, returning nothing: a
+compiled layer breaks its graph at these calls, and a call whose result fed `works.append` left that bound
+method on Dynamo's stack, where its guard failed on every call (a recompilation per call, until Dynamo gave up
+on the frame after 64).
+
 `with COLLECTIVES.skipped():` replaces communication with a local copy of the same shape (a compute-only step);
 `COLLECTIVES.recording = []` notes every collective so `replay` can time the communication alone.
 """
@@ -34,29 +39,34 @@ class Collectives:
 
     @opaque
     def all_to_all(
-        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-        in_splits: list[int] | None = None, *, group: dist.ProcessGroup, async_op: bool = True,
-    ) -> Any:  # fmt: skip
+        self, out: torch.Tensor, inp: torch.Tensor, works: list[Any], out_splits: list[int] | None = None,
+        in_splits: list[int] | None = None, *, group: dist.ProcessGroup,
+    ) -> None:  # fmt: skip
         kwargs = {"output_split_sizes": out_splits, "input_split_sizes": in_splits, "group": group}
         if self._note("all_to_all", out, inp, kwargs):
             n = min(out.shape[0], inp.shape[0])
             out.zero_()[:n].copy_(inp[:n])
-            return self._done
-        return dist.all_to_all_single(out, inp, async_op=async_op, **kwargs)
+            works.append(self._done)
+        else:
+            works.append(dist.all_to_all_single(out, inp, async_op=True, **kwargs))
 
     @opaque
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, *, group: dist.ProcessGroup) -> Any:
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, works: list[Any], *, group: dist.ProcessGroup) -> None:
         if self._note("all_gather", out, inp, {"group": group}):
             out.view(-1, *inp.shape).copy_(inp)
-            return self._done
-        return _all_gather(out, inp, group=group, async_op=True)
+            works.append(self._done)
+        else:
+            works.append(_all_gather(out, inp, group=group, async_op=True))
 
     @opaque
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, *, group: dist.ProcessGroup) -> Any:
+    def reduce_scatter(
+        self, out: torch.Tensor, inp: torch.Tensor, works: list[Any], *, group: dist.ProcessGroup
+    ) -> None:
         if self._note("reduce_scatter", out, inp, {"group": group}):
             out.copy_(inp.view(-1, *out.shape)[dist.get_rank(group)])
-            return self._done
-        return _reduce_scatter(out, inp, group=group, async_op=True)
+            works.append(self._done)
+        else:
+            works.append(_reduce_scatter(out, inp, group=group, async_op=True))
 
     @contextlib.contextmanager
     def skipped(self) -> Iterator[None]:

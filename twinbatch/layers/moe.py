@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinbatch.distributed.all2all import make_all2all
-from twinbatch.distributed.all2all.base import count_ids
+from twinbatch.distributed.all2all.base import count_ids, sum_rows
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.mlp import MLP
 from twinbatch.models.hf_config import ModelConfig
@@ -103,13 +101,12 @@ class Experts(nn.Module):
         y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
         # back to [num_tokens, k] order (gathers, which Inductor fuses with the weighting and the sum) and a
         # fixed-order sum: an index_add_ of k rows per token would add in whatever order GPU atomics run, and the
-        # low bits (so greedy ties) would change from run to run. The sum is written out over k: as a reduction,
-        # Inductor loaded the gathered rows across the hidden dim uncoalesced (50 us a layer on H200)
+        # low bits (so greedy ties) would change from run to run
         row = torch.empty_like(order)
         row[order] = torch.arange(order.numel(), device=order.device)  # each pair's row in the sorted order
         keep = (flat < self.num_experts)[:, None]  # rows past the last group hold garbage, NaN perhaps
         y = torch.where(keep, y[row] * topk_weights.flatten()[:, None], 0.0).view(x.shape[0], k, x.shape[1])
-        return functools.reduce(operator.add, y.unbind(1)).to(x.dtype)
+        return sum_rows(y).to(x.dtype)
 
     def _forward_reference(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, one matmul pair per expert that got tokens (reads counts on the host)."""

@@ -20,7 +20,9 @@ class All2Allv(All2AllBackend):
         owner, mask = self.destinations(topk_ids)
         send_counts = mask.sum(dim=0)
         recv_counts = torch.empty_like(send_counts)
-        COLLECTIVES.all_to_all(recv_counts, send_counts, group=self.group, async_op=False)
+        counted: list = []
+        COLLECTIVES.all_to_all(recv_counts, send_counts, counted, group=self.group)
+        counted[0].wait()
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
         dest, token = mask.t().nonzero(as_tuple=True)  # pairs ordered by destination, then token
         meta = self.routing_for(owner[token], topk_ids[token], topk_weights[token], dest)
@@ -28,7 +30,7 @@ class All2Allv(All2AllBackend):
         handle = Handle(num_tokens=x.shape[0], state=state)
         for name, t in (("x", x[token]), ("meta", meta)):
             out = t.new_empty(sum(recv_split), t.shape[1])
-            handle.works.append(COLLECTIVES.all_to_all(out, t, recv_split, send_split, group=self.group))
+            COLLECTIVES.all_to_all(out, t, handle.works, recv_split, send_split, group=self.group)
             handle.state[name] = out
         return handle
 
@@ -40,7 +42,7 @@ class All2Allv(All2AllBackend):
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         s = handle.state
         back = expert_out.new_empty(sum(s["send"]), expert_out.shape[1])
-        handle.works.append(COLLECTIVES.all_to_all(back, expert_out, s["send"], s["recv"], group=self.group))
+        COLLECTIVES.all_to_all(back, expert_out, handle.works, s["send"], s["recv"], group=self.group)
         s["back"] = back
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:

@@ -19,7 +19,7 @@ class AllGatherReduceScatter(All2AllBackend):
         for name, t, fill in (("x", x, 0), ("w", topk_weights, 0), ("ids", topk_ids, self.num_experts)):
             t = F.pad(t, (0, 0, 0, pad), value=fill)  # every rank sends max_tokens rows
             out = t.new_empty(self.size * max_tokens, *t.shape[1:])
-            handle.works.append(COLLECTIVES.all_gather(out, t.contiguous(), group=self.group))
+            COLLECTIVES.all_gather(out, t.contiguous(), handle.works, group=self.group)
             handle.state[name] = out
         return handle
 
@@ -30,7 +30,7 @@ class AllGatherReduceScatter(All2AllBackend):
 
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         out = expert_out.new_empty(handle.state["max_tokens"], expert_out.shape[1])
-        handle.works.append(COLLECTIVES.reduce_scatter(out, expert_out, group=self.group))
+        COLLECTIVES.reduce_scatter(out, expert_out, handle.works, group=self.group)
         handle.state["out"] = out
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, count_ids
+from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, count_ids, sum_rows
 from twinbatch.distributed.collectives import COLLECTIVES
 
 
@@ -22,7 +22,7 @@ class FixedCapacityAll2All(All2AllBackend):
         handle = Handle(num_tokens=x.shape[0], state={"target": target})
         for name, t in zip(("x", "meta", "counts"), sends, strict=True):
             out = torch.empty_like(t)
-            handle.works.append(COLLECTIVES.all_to_all(out, t, group=self.group))
+            COLLECTIVES.all_to_all(out, t, handle.works, group=self.group)
             handle.state[name] = out
         return handle
 
@@ -57,11 +57,11 @@ class FixedCapacityAll2All(All2AllBackend):
 
     def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
         back = torch.empty_like(expert_out)
-        handle.works.append(COLLECTIVES.all_to_all(back, expert_out, group=self.group))
+        COLLECTIVES.all_to_all(back, expert_out, handle.works, group=self.group)
         handle.state["back"] = back
 
     def combine_wait(self, handle: Handle) -> torch.Tensor:
         handle.wait()
         back = handle.state["back"]
         rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[handle.state["target"]]
-        return rows.view(handle.num_tokens, self.size, back.shape[1]).sum(dim=1)
+        return sum_rows(rows.view(handle.num_tokens, self.size, back.shape[1]))
