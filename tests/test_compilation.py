@@ -12,7 +12,7 @@ from test_data_parallel import MAX_TOKENS, PROMPTS, greedy
 from test_dbo import LONG
 from torch._dynamo.utils import counters
 
-from twinbatch import LLM, compilation
+from twinbatch import LLM, SamplingParams, compilation
 from twinbatch.engine.arg_utils import EngineArgs
 
 FAST = {"attention_backend": "batched", "moe_backend": "grouped_mm", "dtype": "bfloat16", "max_model_len": 128}
@@ -62,18 +62,26 @@ def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request
 @pytest.mark.usefixtures("eager_backend")
 def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -> None:
     """Collectives, waits and the microbatch yields stay outside the compiled graphs, so the microbatch threads
-    still take turns at every all-to-all."""
+    still take turns at every all-to-all. Compiling on CPU needs bfloat16 (the grouped GEMM's meta function takes
+    no float32), and a DP engine's batches depend on when each rank sees the requests: a bfloat16 greedy choice
+    between two near-equal tokens may then go either way, in either build (seen once on a loaded machine). So
+    the outputs must be equal up to the first difference, and there the two best tokens must be a near-tie."""
     kwargs = {"data_parallel_size": 2, "enable_expert_parallel": True, "all2all_backend": "all2all", "enable_dbo": True,
               "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2, **FAST}  # fmt: skip
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)] * 8
     results = []
     for level in ("0", "3"):
         llm = LLM(str(dsv2_dir), compilation_config=level, **kwargs)
         try:
-            results.append(greedy(llm, LONG * 2, [8] * 8))  # an even load, so decode steps microbatch
-            assert all(s["dbo"].get("microbatched", 0) > 0 for s in llm.get_stats()["ranks"].values())
+            results.append([o.outputs[0] for o in llm.generate(LONG * 2, params, use_tqdm=False)])  # even load:
+            assert all(s["dbo"].get("microbatched", 0) > 0 for s in llm.get_stats()["ranks"].values())  # DBO ran
         finally:
             llm.shutdown()
-    assert results[0] == results[1]
+    for eager, compiled in zip(*results, strict=True):
+        if eager.token_ids != compiled.token_ids:
+            i = next(i for i, (a, b) in enumerate(zip(eager.token_ids, compiled.token_ids, strict=True)) if a != b)
+            top = sorted((lp.logprob for lp in eager.logprobs[i].values()), reverse=True)
+            assert top[0] - top[1] < 0.05, f"token {i} differs without a near-tie: {eager.logprobs[i]}"
 
 
 @pytest.mark.usefixtures("eager_backend")
@@ -82,7 +90,7 @@ def test_a_compile_failure_says_how_to_turn_compilation_off(monkeypatch: pytest.
         raise ValueError("no code generator here")
 
     monkeypatch.setattr(compilation, "BACKEND", failing_backend)
-    with pytest.raises(RuntimeError, match=r"torch.compile failed on a decode layer .*-O0"):
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on a decoder layer .*-O0"):
         LLM(compilation_config="3", **FAST)  # the layers compile when the engine is built
 
 
@@ -100,3 +108,35 @@ def test_expert_sort_is_a_stable_argsort(compiled: bool) -> None:
         order, offs = sort(ids, experts)
         assert torch.equal(order, ids.clamp(max=experts).argsort(stable=True))
         assert torch.equal(offs, count_ids(ids, experts).cumsum(0).to(torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["all2all", "allgather_reducescatter"])
+@pytest.mark.usefixtures("eager_backend")
+def test_compiled_exchange_compiles_once(backend: str) -> None:
+    """A compiled layer breaks its graph at every collective. With `works.append(collective(...))`, torch 2.11
+    on Python 3.12 resumed with the bound `append` on its stack and guarded on it: a new object each call, so
+    every call compiled again (until Dynamo gave up on the frame after 64). One process, gloo, a group of one."""
+    import torch.distributed as dist
+
+    from twinbatch.distributed.all2all import make_all2all
+    from twinbatch.engine.launcher import free_port
+    from twinbatch.forward_context import ForwardContext
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        exchange = make_all2all(backend, dist.group.WORLD, num_experts=4)
+
+        def moe(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+            ids = torch.ones(x.shape[0], 2, dtype=torch.long)  # both choices: expert 1, on this rank
+            recv, handle, _ = exchange.dispatch(x, torch.ones(x.shape[0], 2), ids, ctx)
+            return exchange.combine(recv.x * 2, handle, ctx)
+
+        compiled = torch.compile(moe, backend="eager", dynamic=True)
+        for step in range(6):
+            x = torch.randn(5, 8)
+            assert torch.equal(compiled(x, ForwardContext(None, 5)), 2 * x)
+            if step == 1:
+                frames = counters["frames"]["total"]
+        assert counters["frames"]["total"] == frames, "compiled again on later calls"
+    finally:
+        dist.destroy_process_group()

@@ -49,13 +49,13 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, placement) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # DecoderLayer.forward under torch.compile, for decode-only steps; set by the model runner when
-        # compilation is on (twinbatch/compilation.py)
+        # DecoderLayer.forward under torch.compile; set by the model runner when compilation is on
+        # (twinbatch/compilation.py)
         self.compiled_layer: Callable[..., torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
-        compiled = self.compiled_layer if ctx.attn.decode_only else None
+        compiled = self.compiled_layer
         for layer in self.layers:
             h = layer(h, positions, ctx) if compiled is None else compiled(layer, h, positions, ctx)
         return self.norm(h)

@@ -8,6 +8,7 @@ per-head keys and values with kv_b_proj when attending.
 import torch
 from torch import nn
 
+from twinbatch.compilation import opaque
 from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding, softmax_scale
@@ -48,13 +49,20 @@ class DeepseekV2Attention(nn.Module):
         write_kv(self.kv_cache, meta.slot_mapping, torch.cat([self.kv_a_layernorm(latent), k_pe[:, 0]], dim=-1))
         if self.decode_backend != "reference" and meta.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, meta)
-        else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
-            decode = None
-            if self.decode_backend != "reference":
-                decode = lambda rows, m: self._decode_absorbed(q_nope[rows], q_pe[rows], m)  # noqa: E731
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            out = paged_attention_reference(q, self.kv_cache, meta, self._expand_kv, self.scale, cfg.v_head_dim, decode)
+        else:
+            out = self._prefill(q_nope, q_pe, meta)
         return self.o_proj(out.flatten(1))
+
+    @opaque  # a loop over the requests, on the host: a compiled layer runs it as written, between its graphs
+    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Prefill or mixed: SDPA per request over its expanded context; a mixed step's decodes still take the
+        decode kernel."""
+        decode = None
+        if self.decode_backend != "reference":
+            decode = lambda rows, m: self._decode_absorbed(q_nope[rows], q_pe[rows], m)  # noqa: E731
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return paged_attention_reference(q, self.kv_cache, meta, self._expand_kv, self.scale, self.cfg.v_head_dim,
+                                         decode)  # fmt: skip
 
     def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Decode in the latent space (kv_b_proj absorbed into the query and the output): attention reads the

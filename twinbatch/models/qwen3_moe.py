@@ -6,6 +6,7 @@ Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and 
 import torch
 from torch import nn
 
+from twinbatch.compilation import opaque
 from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
@@ -40,12 +41,18 @@ class Qwen3MoeAttention(nn.Module):
         write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
         if self.decode_backend != "reference" and meta.decode_only:
             out = self._decode(q, meta)
-        else:  # prefill or mixed: a mixed step's decodes still take the decode kernel
-            decode = (lambda rows, m: self._decode(q[rows], m)) if self.decode_backend != "reference" else None
-            out = paged_attention_reference(
-                q, self.kv_cache, meta, lambda e: e.to(q.dtype).unbind(1), cfg.head_dim**-0.5, cfg.head_dim, decode
-            )
+        else:
+            out = self._prefill(q, meta)
         return self.o_proj(out.flatten(1))
+
+    @opaque  # a loop over the requests, on the host: a compiled layer runs it as written, between its graphs
+    def _prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Prefill or mixed: SDPA per request over its cached context; a mixed step's decodes still take the
+        decode kernel."""
+        decode = (lambda rows, m: self._decode(q[rows], m)) if self.decode_backend != "reference" else None
+        head_dim = self.cfg.head_dim
+        expand = lambda e: e.to(q.dtype).unbind(1)  # noqa: E731
+        return paged_attention_reference(q, self.kv_cache, meta, expand, head_dim**-0.5, head_dim, decode)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self._decode_triton(q, meta) if self.decode_backend == "triton" else self._decode_batched(q, meta)

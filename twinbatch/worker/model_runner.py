@@ -105,25 +105,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_alone(self) -> None:
-        """Compiles the decode layers now, on this rank alone: communication is replaced by local copies, so no
-        rank waits in a collective (whose timeout a first compilation can outlast) while another compiles, and
-        the first steps run compiled code. Padding requests of 1 and 2 tokens, and microbatched steps of 1 and 2
-        tokens a microbatch, cover Dynamo's 0/1 specialisations; every other size reuses these graphs."""
+        """Compiles the layers now, on this rank alone: communication is replaced by local copies, so no rank
+        waits in a collective (whose timeout a first compilation can outlast) while another compiles, and the
+        first steps run compiled code. Padding-only steps of each kind cover Dynamo's 0/1 specialisations, and
+        every other size reuses their graphs:
+        - decode: 1 and 2 one-token requests; microbatched, 1 and 2 a microbatch;
+        - prefill: an idle DP rank's dummy step (one token of no request), 1 and 2 two-token requests, and the
+          whole token budget (which also takes the expert sort's large-input branch); microbatched, 2 and 4
+          two-token requests a microbatch and the budget."""
         sched, n = self.config.scheduler, self.config.parallel.ubatch_size
 
-        def padding(b: int) -> StepInputs:
-            inputs = self.prepare_inputs(SchedulerOutput(), num_padded_tokens=b, pad_requests=True)
-            # a context bound past one block, as real steps have (a one-block bound would be a specialisation)
-            inputs.attn.max_seq_len = min(2 * self.block_size + 1, sched.max_model_len)
+        def padding(tokens: int, request_len: int) -> StepInputs:
+            inputs = self.prepare_inputs(SchedulerOutput(), num_padded_tokens=tokens, pad_requests=request_len)
+            if request_len == 1:  # a context bound past one block, as decodes have (one block would specialise)
+                inputs.attn.max_seq_len = min(2 * self.block_size + 1, sched.max_model_len)
             return inputs
 
-        limit = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # the input buffers' rows
+        rows, budget = min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.max_num_batched_tokens
+        long = min(sched.max_model_len, max(2, -(-budget // rows)))  # the budget in as few requests as rows allow
+        full = (min(budget, rows * long), long)
+        steps = [(1, 1), (2, 1), (1, 0), (2, 2), (4, 2), full]
+        ubatched = [(n, 1), (2 * n, 1), (4 * n, 2), (8 * n, 2), full] if self.ubatched is not None else []
+
+        def fits(step: tuple[int, int]) -> bool:
+            tokens, request_len = step
+            return tokens <= budget and (request_len == 0 or -(-tokens // request_len) <= rows)
+
         with COLLECTIVES.skipped():
-            for b in (b for b in (1, 2) if b <= limit):
-                inputs = padding(b)
-                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, b))
-            for b in (b for b in (n, 2 * n) if b <= limit and self.ubatched is not None):
-                self.ubatched(padding(b), list(range(b + 1)))
+            for tokens, request_len in filter(fits, steps):
+                inputs = padding(tokens, request_len)
+                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, tokens))
+            for tokens, request_len in filter(fits, ubatched):
+                inputs = padding(tokens, request_len)
+                self.ubatched(inputs, inputs.attn.host[0])
 
     def shutdown(self) -> None:
         """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
@@ -151,14 +165,15 @@ class ModelRunner:
             caches.append(attn.kv_cache)
         return caches
 
-    def prepare_inputs(
-        self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: bool = False
-    ) -> StepInputs:
+    def prepare_inputs(self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0) -> StepInputs:
         """Packs the batch; pads to num_padded_tokens with tokens that belong to no request (they write their
-        KV to the reserved block and their outputs are ignored). With pad_requests (decode graphs), each
-        padding token is a one-token request of its own that reads only the reserved block."""
+        KV to the reserved block and their outputs are ignored). With pad_requests = t, the padding tokens form
+        requests of t tokens (the last maybe fewer) that read only the reserved block: one-token requests in
+        decode graphs, two-token ones in the compile warm-up's prefill steps."""
         ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
-        rows, bs = max(len(batch.scheduled), num_padded_tokens if pad_requests else 0), self.block_size
+        pad = max(0, num_padded_tokens - batch.num_tokens)
+        rows = len(batch.scheduled) + (-(-pad // pad_requests) if pad_requests else 0)
+        bs = self.block_size
         table = np.zeros((rows, self.max_blocks_per_req), dtype=np.int32)  # numpy: cheap row writes from lists
         for i, s in enumerate(batch.scheduled):
             req, lo = s.request, s.request.num_computed_tokens
@@ -171,11 +186,10 @@ class ModelRunner:
             table[i, : len(req.block_ids)] = req.block_ids
             if s.completes_prefill:
                 sample_rows.append(starts[-1] - 1)
-        pad = max(0, num_padded_tokens - len(ids))
         ids, positions, slots = ids + [0] * pad, positions + [0] * pad, slots + [PADDING_SLOT] * pad
-        if pad_requests:
-            starts += range(starts[-1] + 1, starts[-1] + 1 + pad)
-            seq_lens += [1] * pad
+        for first in range(0, pad, pad_requests or pad + 1):
+            seq_lens.append(min(pad_requests, pad - first))
+            starts.append(starts[-1] + seq_lens[-1])
         return self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
 
     def _fill(
@@ -224,7 +238,7 @@ class ModelRunner:
         that bucket and replayed as a CUDA graph."""
         if graph_bucket is not None:  # a decode step replayed as a CUDA graph, microbatched or not
             assert self.graphs is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=True)
+            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=1)
             hidden = self.graphs.run(graph_bucket, inputs.attn.max_seq_len, microbatch)
         elif microbatch:
             assert max_tokens_across_dp is not None and self.ubatched is not None
