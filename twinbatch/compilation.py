@@ -10,13 +10,13 @@ Inductor fuses the small kernels into a few.
 What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields,
 the hand-written Triton kernels, the KV-cache write and prefill attention (a loop over the requests on the
 host). So a compiled layer issues the same collectives, and yields at the same points, as an eager one; DBO's
-overlap and the CUDA-graph capture of a whole step work as
-before. The model runner compiles while it is built, on each rank alone (ModelRunner._compile_alone).
+overlap and the CUDA-graph capture of a whole step work as before. The model runner compiles while it is
+built, on each rank alone (ModelRunner._compile_alone).
 
 Level 0 is off, any other level on; the default is on for CUDA where decode steps can be CUDA graphs, off on
 CPU (which runs the reference paths, the tests' oracle). Prefill and mixed steps run the same compiled layer:
-eager, a layer costs ~4 ms of Python on the host, as long as an H200 takes for a 2048-token microbatch, so
-microbatched prefill was bound by the host (DBO doubled the step).
+eager, a layer costs ~4 ms of host Python on an H200 machine, about as long as the GPU needs for a 2048-token
+microbatch (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -136,9 +136,9 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
     Under torch.compile, for decode-sized inputs, a rank sort: each pair's row is the start of its id's run
     plus the number of equal ids before it, which Inductor computes as one reduction over the pairs x pairs
-    comparison without materialising it (every pair in parallel). On H200 a decode layer's 3072 pairs take a
-    few us this way, against 30 us for the radix sort and 131 us for a cumulative sum over a one-hot table,
-    which Inductor scans along the long axis. Eager steps keep the sort."""
+    comparison without materialising it (every pair in parallel). On H200 a DP=2 decode layer's 3072 pairs
+    take 31 us this way (a microbatch's 1536, 16 us), against 131 us for a cumulative sum over a one-hot table,
+    which Inductor scans along the long axis. Eager steps keep the (radix) sort."""
     ids = ids.clamp(0, num_experts)  # every skipped id the same, so both ways give the same order
     counts = count_ids(ids, num_experts + 1)  # the skipped ids counted too: their run comes last
     ends = counts.cumsum(0)
