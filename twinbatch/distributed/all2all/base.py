@@ -44,7 +44,6 @@ class ExpertInput:
     x: torch.Tensor  # [num_recv, hidden]
     topk_weights: torch.Tensor  # [num_recv, k] float32
     local_ids: torch.Tensor  # [num_recv, k] int64; ids outside [0, num_local_experts) are not this rank's
-    expert_counts: torch.Tensor | None = None  # [num_local_experts] (token, expert) pairs per local expert
 
 
 @dataclass
