@@ -140,3 +140,18 @@ def test_compiled_exchange_compiles_once(backend: str) -> None:
         assert counters["frames"]["total"] == frames, "compiled again on later calls"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("request_len", "starts", "seq_lens"),
+                         [(0, [0], []), (1, [0, 1, 2, 3, 4, 5], [1] * 5), (2, [0, 2, 4, 5], [2, 2, 1])])  # fmt: skip
+def test_padding_tokens_form_requests_only_when_asked(
+    dsv2_dir: Path, request_len: int, starts: list[int], seq_lens: list[int]
+) -> None:
+    """Five padding tokens: of no request (a microbatched step padded to the largest rank), one-token requests
+    (decode graphs), or two-token requests, the last one shorter (the compile warm-up's prefill steps)."""
+    from twinbatch.worker.scheduler import SchedulerOutput
+
+    runner = LLM(str(dsv2_dir), max_model_len=128).llm_engine.model_runner
+    attn = runner.prepare_inputs(SchedulerOutput(), num_padded_tokens=5, pad_requests=request_len).attn
+    assert attn.num_tokens == 5 and attn.slot_mapping.tolist() == [0] * 5  # every one writes the reserved slot
+    assert attn.query_start_loc.tolist() == starts and attn.seq_lens.tolist() == seq_lens

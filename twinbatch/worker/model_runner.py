@@ -187,7 +187,7 @@ class ModelRunner:
             if s.completes_prefill:
                 sample_rows.append(starts[-1] - 1)
         ids, positions, slots = ids + [0] * pad, positions + [0] * pad, slots + [PADDING_SLOT] * pad
-        for first in range(0, pad, pad_requests or pad + 1):
+        for first in range(0, pad, pad_requests) if pad_requests else ():
             seq_lens.append(min(pad_requests, pad - first))
             starts.append(starts[-1] + seq_lens[-1])
         return self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
