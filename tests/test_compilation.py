@@ -52,9 +52,10 @@ def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request
     llm = LLM(str(model_dir), compilation_config="3", **FAST)
     assert llm.llm_engine.model_runner.model.model.compiled_layer is not None
     graphs = counters["stats"]["unique_graphs"]
-    # compiled when the engine was built; one layer function for every layer: a few graphs per layer kind, not
-    # one per layer (each model has 2 kinds)
-    assert 0 < graphs <= 12, f"{graphs} compiled graphs"
+    # compiled when the engine was built; one layer function for every layer: a few graphs per layer kind and
+    # step kind (decode or prefill), compiled at build (each model has 2 layer kinds and 3 layers here,
+    # V2-Lite 27)
+    assert 0 < graphs <= 20, f"{graphs} compiled graphs"
     assert greedy(llm, PROMPTS, MAX_TOKENS) == expected  # decode batches of 5 down to 1 request
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled again"
 

@@ -46,17 +46,21 @@ class DeepseekV2Attention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
-        write_kv(self.kv_cache, meta.slot_mapping, torch.cat([self.kv_a_layernorm(latent), k_pe[:, 0]], dim=-1))
+        entries = torch.cat([self.kv_a_layernorm(latent), k_pe[:, 0]], dim=-1)
         if self.decode_backend != "reference" and meta.decode_only:
+            write_kv(self.kv_cache, meta.slot_mapping, entries)
             out = self._decode_absorbed(q_nope, q_pe, meta)
         else:
-            out = self._prefill(q_nope, q_pe, meta)
+            out = self._prefill(q_nope, q_pe, entries, meta)
         return self.o_proj(out.flatten(1))
 
     @opaque  # a loop over the requests, on the host: a compiled layer runs it as written, between its graphs
-    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Prefill or mixed: SDPA per request over its expanded context; a mixed step's decodes still take the
-        decode kernel."""
+    def _prefill(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, entries: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Prefill or mixed: writes the new cache entries, then SDPA per request over its expanded context (one
+        graph break for both); a mixed step's decodes still take the decode kernel."""
+        write_kv(self.kv_cache, meta.slot_mapping, entries)
         decode = None
         if self.decode_backend != "reference":
             decode = lambda rows, m: self._decode_absorbed(q_nope[rows], q_pe[rows], m)  # noqa: E731

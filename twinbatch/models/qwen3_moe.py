@@ -38,17 +38,19 @@ class Qwen3MoeAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim))
         v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)
         q, k = self.rotary(positions, q, k)
-        write_kv(self.kv_cache, meta.slot_mapping, torch.stack([k, v], dim=1))
+        entries = torch.stack([k, v], dim=1)
         if self.decode_backend != "reference" and meta.decode_only:
+            write_kv(self.kv_cache, meta.slot_mapping, entries)
             out = self._decode(q, meta)
         else:
-            out = self._prefill(q, meta)
+            out = self._prefill(q, entries, meta)
         return self.o_proj(out.flatten(1))
 
     @opaque  # a loop over the requests, on the host: a compiled layer runs it as written, between its graphs
-    def _prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Prefill or mixed: SDPA per request over its cached context; a mixed step's decodes still take the
-        decode kernel."""
+    def _prefill(self, q: torch.Tensor, entries: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Prefill or mixed: writes the new cache entries, then SDPA per request over its cached context (one
+        graph break for both); a mixed step's decodes still take the decode kernel."""
+        write_kv(self.kv_cache, meta.slot_mapping, entries)
         decode = (lambda rows, m: self._decode(q[rows], m)) if self.decode_backend != "reference" else None
         head_dim = self.cfg.head_dim
         expand = lambda e: e.to(q.dtype).unbind(1)  # noqa: E731

@@ -47,8 +47,7 @@ class FixedCapacityAll2All(All2AllBackend):
         return target, send[:-1]
 
     def dispatch_wait(self, handle: Handle) -> ExpertInput:
-        handle.wait()
-        recv_x, recv_meta = _unpack(handle.state["recv"], handle.state["x"])
+        recv_x, recv_meta = _wait_and_unpack(handle)
         weights, local_ids = self.split_routing(recv_meta)
         return ExpertInput(recv_x, weights, local_ids)
 
@@ -64,10 +63,12 @@ class FixedCapacityAll2All(All2AllBackend):
         return sum_rows(rows.view(handle.num_tokens, self.size, back.shape[1]))
 
 
-@opaque  # views of another dtype, kept out of compiled graphs: torch 2.11 failed to rebuild them as graph outputs
-def _unpack(recv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The received rows, [size * cap, row] bytes -> (hidden states [rows, hidden] in x's dtype, routing [rows,
-    2k] float32), views of recv."""
+@opaque  # one graph break for both; views of another dtype stay out of graphs (torch 2.11 could not rebuild them)
+def _wait_and_unpack(handle: Handle) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waits for the dispatch, then splits the received rows, [size * cap, row] bytes -> (hidden states [rows,
+    hidden] in the sender's dtype, routing [rows, 2k] float32), views of the receive buffer."""
+    handle.wait()
+    recv, x = handle.state["recv"], handle.state["x"]
     width = _row_width(x)
     return recv[:, :width].view(x.dtype)[:, : x.shape[1]], recv[:, width:].view(torch.float32)
 
