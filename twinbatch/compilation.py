@@ -1,11 +1,11 @@
-"""torch.compile for decode steps: vLLM's `-O` / `--compilation-config` level (0 turns it off).
+"""torch.compile of the decoder layers: vLLM's `-O` / `--compilation-config` level (0 turns it off).
 
 Counted on a decode step, a decoder layer is some 100 kernels, most of them tiny elementwise ones (norms in
 float32, rotary, routing, the all-to-all's buffer building, the experts' bookkeeping); at a few microseconds
-each they, not the weights, set the step time. With compilation on, Model runs every layer of a decode-only step
+each they, not the weights, set the step time. With compilation on, Model runs every layer of every step
 through one torch.compile'd DecoderLayer.forward. One function for all layers: parameters are graph inputs, so
-it compiles once per layer kind (dense / MoE, microbatched or not), with dynamic sizes for every batch bucket.
-Inductor fuses the small kernels into a few.
+it compiles once per layer kind (dense / MoE), step kind (decode / prefill) and microbatched or not, with
+dynamic sizes for every batch. Inductor fuses the small kernels into a few.
 
 What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields,
 the hand-written Triton kernels, the KV-cache write and prefill attention (a loop over the requests on the

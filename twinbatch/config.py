@@ -163,7 +163,7 @@ class EngineConfig:
     attention_backend: str = "reference"  # "reference" (the per-request oracle), "batched" or "triton" (decode steps)
     moe_backend: str = "reference"  # "reference" (a loop over experts, the oracle), "grouped_mm" or "triton"
     enforce_eager: bool = False  # no CUDA graphs
-    compilation_level: int = 0  # torch.compile of decode layers when > 0 (twinbatch/compilation.py)
+    compilation_level: int = 0  # torch.compile of the decoder layers when > 0 (twinbatch/compilation.py)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
