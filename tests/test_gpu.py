@@ -104,7 +104,8 @@ def test_cuda_graphs_match_eager(model_fixture: str, request: pytest.FixtureRequ
         llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=128, enforce_eager=eager)
         assert (llm.llm_engine.model_runner.graphs is None) == eager
         results.append(run_recording(llm, PROMPTS))
-        assert eager or llm.llm_engine.model_runner.graphs.graphs  # captured and replayed
+        kinds = {key[0] for key in llm.llm_engine.model_runner.graphs.graphs} if not eager else set()
+        assert eager or kinds == {"decode", "prefill"}  # captured and replayed
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
@@ -151,7 +152,8 @@ def test_dbo_cuda_graphs_match_eager(dsv2_dir: Path, backend: str) -> None:
         assert greedy(graphs, prompts, max_tokens) == expected
         for stats in graphs.get_stats()["ranks"].values():
             assert stats["dbo"].get("microbatched", 0) > 0
-            assert any(microbatched for _, _, microbatched in stats["cuda_graphs"])
+            assert any(key[-1] for key in stats["cuda_graphs"])  # microbatched
+            assert any(key[0] == "prefill" for key in stats["cuda_graphs"])
     finally:
         graphs.shutdown()
 
@@ -161,7 +163,7 @@ def _recapture_rank(rank: int, config: object, results: object) -> None:
 
     from twinbatch.bench.step import synthetic_batch
     from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
-    from twinbatch.worker.model_runner import ModelRunner
+    from twinbatch.worker.model_runner import GraphStep, ModelRunner
     from twinbatch.worker.worker_main import worker_device
 
     parallel = dataclasses.replace(config.parallel, data_parallel_rank=rank)
@@ -172,7 +174,7 @@ def _recapture_rank(rank: int, config: object, results: object) -> None:
     allocated = []
     for _ in range(4):
         runner.graphs.clear()
-        runner.execute_model(batch, 8, microbatch=True, graph_bucket=8)
+        runner.execute_model(batch, 8, microbatch=True, graph=GraphStep(8))
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated(config.device))
     assert len(runner.graphs.graphs) == 1
@@ -255,4 +257,4 @@ def test_compiled_dbo_graphs_match_uncompiled_eager_dbo_off(dsv2_dir: Path) -> N
     stats = dbo_matches_dbo_off(dsv2_dir, {"enforce_eager": True, "compilation_config": "0", **kwargs}, kwargs)
     for rank in stats["ranks"].values():
         assert rank["dbo"].get("microbatched", 0) > 0
-        assert any(microbatched for _, _, microbatched in rank["cuda_graphs"])
+        assert any(key[-1] for key in rank["cuda_graphs"])  # microbatched

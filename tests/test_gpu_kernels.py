@@ -205,3 +205,49 @@ def test_triton_moe_backend_greedy_equals_reference(model_dir: Path) -> None:
     kwargs = {"device": "cuda", "dtype": "float32", "max_model_len": 512, "enforce_eager": True}
     expected = greedy(LLM(str(model_dir), moe_backend="reference", **kwargs), PROMPTS, [16] * 3)
     assert greedy(LLM(str(model_dir), moe_backend="triton", **kwargs), PROMPTS, [16] * 3) == expected
+
+
+@pytest.mark.parametrize(("qk_dim", "v_dim", "kv_heads"), [(192, 128, 16), (128, 128, 4)])  # MLA expanded, GQA
+@pytest.mark.parametrize("k", [None, 2])
+def test_packed_flash_attention_matches_the_loop(qk_dim: int, v_dim: int, kv_heads: int, k: int | None) -> None:
+    """The packed layout of prefill graphs (variable-length flash, v padded for MLA) against the per-request
+    SDPA loop in bfloat16: prefill chunks on cached context, decodes, padding tokens and empty request rows,
+    whole and cut into microbatches; then the same captured in a CUDA graph and replayed."""
+    from test_packed_prefill import packed
+    from test_ubatch_split import make_meta
+
+    from twinbatch.layers.attention import paged_attention_reference, write_kv
+    from twinbatch.ubatch.decision import ubatch_bounds
+    from twinbatch.ubatch.split import packed_slices, slice_requests, split_attention_metadata
+
+    context, new = [0, 300, 33, 0, 90, 200], [200, 1, 64, 1, 129, 1]  # 36 blocks of 32 (make_meta has 63)
+    meta = make_meta(context, new, pad=13, block=32)
+    meta = dataclasses.replace(meta, **{f: getattr(meta, f).cuda() for f in
+                                        ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")})  # fmt: skip
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    heads, blocks = 16 if kv_heads == 16 else 32, int(meta.block_tables.max()) + 1
+    cache = torch.randn(blocks, 32, kv_heads, qk_dim + v_dim, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(meta.num_tokens, heads, qk_dim, device="cuda", generator=gen).bfloat16()
+    entries = torch.randn(meta.num_tokens, kv_heads, qk_dim + v_dim, device="cuda", generator=gen).bfloat16()
+    expand = lambda e: e.split([qk_dim, v_dim], dim=-1)  # noqa: E731
+
+    def run(m: AttentionMetadata) -> torch.Tensor:
+        bounds = ubatch_bounds(m.num_tokens, k) if k else [0, m.num_tokens]
+        cut = packed_slices(m.num_reqs, bounds) if m.context_bound else slice_requests(m.host[0], bounds)
+        out = q.new_zeros(q.shape[0], heads, v_dim)
+        for s in cut:
+            sub = split_attention_metadata(m, s)
+            write_kv(cache, sub.slot_mapping, entries[s.tokens])
+            out[s.tokens] = paged_attention_reference(q[s.tokens], cache, sub, expand, qk_dim**-0.5, v_dim)
+        return out
+
+    want = run(meta)
+    pm = packed(meta, 3, 100)
+    got = run(pm)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+    graph = torch.cuda.CUDAGraph()
+    run(pm)  # warm-up outside capture
+    with torch.cuda.graph(graph):
+        captured = run(pm)
+    graph.replay()
+    torch.testing.assert_close(captured, got, atol=0, rtol=0)

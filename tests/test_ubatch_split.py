@@ -14,7 +14,7 @@ from twinbatch.engine.request import Request
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata, paged_attention_reference, write_kv
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.ubatch.decision import Reason, decide, last_ubatch_empty, ubatch_bounds, vote
-from twinbatch.ubatch.split import slice_requests, split_attention_metadata
+from twinbatch.ubatch.split import packed_slices, slice_requests, split_attention_metadata
 from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 
 BLOCK, NUM_BLOCKS, KV_HEADS, HEADS, HEAD_DIM = 4, 64, 2, 4, 8
@@ -137,7 +137,8 @@ def run_attention(meta: AttentionMetadata, bounds: list[int] | None, reverse: bo
     kv = torch.randn(meta.num_tokens, 2, KV_HEADS, HEAD_DIM, generator=gen)
     parts = [(slice(0, meta.num_tokens), meta)]
     if bounds is not None:
-        parts = [(s.tokens, split_attention_metadata(meta, s)) for s in slice_requests(meta.host[0], bounds)]
+        slices = packed_slices(meta.num_reqs, bounds) if meta.context_bound else slice_requests(meta.host[0], bounds)
+        parts = [(s.tokens, split_attention_metadata(meta, s)) for s in slices]
     out = torch.empty(meta.num_tokens, HEADS, HEAD_DIM)
     for tokens, m in reversed(parts) if reverse else parts:
         write_kv(cache, m.slot_mapping, kv[tokens])

@@ -28,7 +28,7 @@ from twinbatch.engine.launcher import free_port
 from twinbatch.engine.request import Request
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.model_runner import ModelRunner
+from twinbatch.worker.model_runner import GraphStep, ModelRunner
 from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.worker.worker_main import worker_device
 
@@ -139,9 +139,9 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
     def step(ubatch: bool, graph: bool = True) -> Callable[[], object]:
         return _step(runner, batch, opts, ubatch, graph)
 
-    bucket = _graph_bucket(runner, batch, opts)
+    graphed = _graph_step(runner, batch, opts) is not None
     times = {"dbo_off": _time(step(False), runner, group, opts), "dbo_on": _time(step(True), runner, group, opts)}
-    if bucket is not None:
+    if graphed:
         times["dbo_off_eager"] = _time(step(False, graph=False), runner, group, opts)
         times["dbo_on_eager"] = _time(step(True, graph=False), runner, group, opts)
         runner.graphs.clear()  # the compute-only steps are captured anew, without communication
@@ -149,7 +149,7 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
         times["compute_only"] = _time(step(False), runner, group, opts)
         times["compute_only_dbo"] = _time(step(True), runner, group, opts)
     COLLECTIVES.recording = []
-    if bucket is not None:
+    if graphed:
         runner.graphs.clear()
     step(True, graph=False)()
     recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
@@ -157,15 +157,22 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
     return times
 
 
-def _graph_bucket(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> int | None:
-    """The CUDA-graph batch bucket of a decode step, as the engine would replay it; None: the step runs eager."""
-    return runner.graphs.batch_bucket(batch.num_tokens) if runner.graphs and opts["phase"] == "decode" else None
+def _graph_step(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> GraphStep | None:
+    """The CUDA graph the engine would replay the step as (decode, or prefill in the packed layout); None: the
+    step runs eagerly."""
+    graphs = runner.graphs
+    if graphs is None:
+        return None
+    if opts["phase"] == "decode":
+        return GraphStep(bucket) if (bucket := graphs.batch_bucket(batch.num_tokens)) else None
+    bucket = graphs.prefill_bucket(batch.num_context_tokens)
+    return GraphStep(bucket, prefill=True) if bucket else None
 
 
 def _step(runner: ModelRunner, batch: SchedulerOutput, opts: dict, ubatch: bool, graph: bool = True
           ) -> Callable[[], object]:  # fmt: skip
-    bucket = _graph_bucket(runner, batch, opts) if graph else None
-    return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph_bucket=bucket)
+    step = _graph_step(runner, batch, opts) if graph else None
+    return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph=step)
 
 
 def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: float) -> float:

@@ -19,7 +19,7 @@ from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.dp_sync import DPSync, StepSync
-from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
+from twinbatch.worker.model_runner import GraphStep, ModelRunner, ModelRunnerOutput
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class LLMEngine:
 
     def get_stats(self) -> dict:
         """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
-        `cuda_graphs` lists the captured decode graphs as (batch bucket, context bucket, microbatched). The token
+        `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, microbatched) or
+        ("prefill", token bucket, request rows, microbatched). The token
         counts are totals since the engine started."""
         return {
             "num_running": len(self.scheduler.running),
@@ -86,7 +87,7 @@ class LLMEngine:
         parallel = self.config.parallel
         no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
         decode_only = all(s.num_new_tokens == 1 for s in batch.scheduled)
-        sync = self.dp_sync.sync(batch.num_tokens, stop, ubatch_vote=no_vote is None, decode_only=decode_only)
+        sync = self.dp_sync.sync(batch.num_tokens, stop, no_vote is None, decode_only, batch.num_context_tokens)
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
@@ -97,17 +98,21 @@ class LLMEngine:
             if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
                 logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
             microbatch = outcome is dbo.Reason.MICROBATCHED
-        out = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_bucket(sync))
+        out = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_step(sync))
         self.scheduler.update_after_step(batch)
         return self._process(batch, out)
 
-    def _graph_bucket(self, sync: StepSync) -> int | None:
-        """A CUDA-graph step (microbatched or not) when every rank has only decodes (or nothing) and the batch
-        fits a bucket; the same answer on every rank, from the same synced numbers."""
+    def _graph_step(self, sync: StepSync) -> GraphStep | None:
+        """A CUDA-graph step (microbatched or not), the same answer on every rank, from the same synced numbers:
+        a decode graph when every rank has only decodes (or nothing) and the batch fits a bucket; else a
+        prefill graph when every rank's requests' contexts fit the token budget (worker/graph_runner.py)."""
         graphs = self.model_runner.graphs
-        if graphs is None or not all(sync.decode_only):
+        if graphs is None:
             return None
-        return graphs.batch_bucket(sync.max_tokens)
+        if all(sync.decode_only) and (bucket := graphs.batch_bucket(sync.max_tokens)) is not None:
+            return GraphStep(bucket)
+        bucket = graphs.prefill_bucket(max(sync.max_tokens, *sync.context_tokens))
+        return GraphStep(bucket, prefill=True) if bucket is not None else None
 
     def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         for request_id, tensors in out.prompt_logprobs.items():

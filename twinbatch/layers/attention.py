@@ -30,6 +30,9 @@ class AttentionMetadata:
     block_size: int
     decode_only: bool = False  # every request has exactly one new token: token i belongs to request i
     max_seq_len: int = 0  # an upper bound of seq_lens, known on the host (sizes the batched kernels)
+    # > 0: prefill attention takes the packed path (no host reads, so a CUDA graph can hold it); bounds the sum
+    # of seq_lens, which is the number of cache entries it gathers
+    context_bound: int = 0
 
     @property
     def num_reqs(self) -> int:
@@ -106,8 +109,11 @@ def paged_attention_reference(
     q: [num_tokens, num_heads, qk_dim]; expand_kv turns gathered cache entries [seq_len, *E] into
     k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim].
     With `decode` (a prefill or mixed step on a fast backend), the requests with one new token skip the loop and
-    go to decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together.
+    go to decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together. With
+    meta.context_bound it is packed_attention instead: no loop, no host reads.
     """
+    if meta.context_bound:
+        return packed_attention(q, cache, meta, expand_kv, scale, v_dim)
     starts, seq_lens = meta.host
     decodes = decodes_of(meta) if decode is not None else None
     skip = decodes.requests if decodes else frozenset()
@@ -150,3 +156,69 @@ def gather_batched(cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.
     valid = positions[None, :] < meta.seq_lens[:, None].long()
     mask = valid.view(*valid.shape, *[1] * (entries.dim() - 2))
     return entries.masked_fill(~mask, 0), valid
+
+
+def packed_context(cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every request's first seq_len cache entries, back to back in a fixed [context_bound, *E] buffer, and
+    their offsets cu_seq_k [num_reqs + 1]; no host reads. Rows past the last request are zeros."""
+    bound, bs = meta.context_bound, cache.shape[1]
+    cu_k = F.pad(meta.seq_lens.long().cumsum(0), (1, 0))  # [num_reqs + 1]
+    row = torch.arange(bound, device=cache.device)
+    req = (torch.searchsorted(cu_k, row, right=True) - 1).clamp(0, max(meta.num_reqs - 1, 0))  # skips empty ones
+    offset = row - cu_k[req]
+    valid = row < cu_k[-1]
+    block = meta.block_tables[req, (offset // bs).clamp(max=meta.block_tables.shape[1] - 1)].long()
+    slot = torch.where(valid, block * bs + offset % bs, PADDING_SLOT)
+    entries = cache.view(-1, *cache.shape[2:])[slot]
+    return entries.masked_fill(~valid.view(-1, *[1] * (entries.dim() - 1)), 0), cu_k
+
+
+def packed_attention(
+    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, expand_kv: ExpandKV, scale: float, v_dim: int
+) -> torch.Tensor:
+    """paged_attention_reference without the loop: the requests' contexts are gathered into one buffer of
+    meta.context_bound rows and attended with variable-length attention (flash on CUDA). Shapes depend only
+    on the token count, context_bound and the number of request rows, so a CUDA graph can hold it; requests
+    may have no tokens (padding rows of the graph) and padding tokens get 0."""
+    if meta.num_reqs == 0:
+        return q.new_zeros(q.shape[0], q.shape[1], v_dim)
+    entries, cu_k = packed_context(cache, meta)
+    k, v = expand_kv(entries)  # [context_bound, kv_heads, qk_dim], [context_bound, kv_heads, v_dim]
+    cu_q = meta.query_start_loc.long()
+    attend = _varlen_flash if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else _varlen_masked
+    out = attend(q, k.to(q.dtype), v.to(q.dtype), cu_q, cu_k, scale)[..., :v_dim]
+    real = torch.arange(q.shape[0], device=q.device) < cu_q[-1]
+    return out.masked_fill(~real[:, None, None], 0)
+
+
+def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  scale: float) -> torch.Tensor:  # fmt: skip
+    """Causal (bottom-right) variable-length flash attention; v padded to the qk head dim, which flash needs.
+    The maxima are the buffers' sizes: bounds the host knows, not the actual lengths."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if v.shape[-1] < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+    return varlen_attn(q, k, v, cu_q.int(), cu_k.int(), q.shape[0], k.shape[0], scale=scale, window_size=(-1, 0))
+
+
+def _varlen_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   scale: float) -> torch.Tensor:  # fmt: skip
+    """The same on any device and dtype (flash takes only 16-bit ones), as one SDPA over
+    [num_tokens, context_bound] with a block-causal mask."""
+
+    def request_and_index(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = torch.arange(n, device=cu.device)
+        req = torch.searchsorted(cu, row, right=True) - 1  # num_reqs past the end
+        return req, row - cu[req.clamp(max=cu.shape[0] - 2)]
+
+    q_req, q_idx = request_and_index(cu_q, q.shape[0])
+    k_req, k_idx = request_and_index(cu_k, k.shape[0])
+    lens_q, lens_k = cu_q.diff(), cu_k.diff()
+    shift = (lens_k - lens_q)[q_req.clamp(max=lens_q.shape[0] - 1)]  # queries sit at the end of their sequence
+    mask = (q_req[:, None] == k_req[None, :]) & (k_idx[None, :] <= (q_idx + shift)[:, None])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+    )  # fmt: skip
+    return out.transpose(0, 1).nan_to_num(0.0)  # rows with no key (padding) are NaN

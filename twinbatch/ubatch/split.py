@@ -30,13 +30,21 @@ def slice_requests(query_start_loc: list[int], bounds: list[int]) -> list[UBatch
     return slices
 
 
+def packed_slices(num_reqs: int, bounds: list[int]) -> list[UBatchSlice]:
+    """Microbatches of a step in the packed layout (AttentionMetadata.context_bound): each takes every request
+    row, with its query range cut to the microbatch on the device, so the cut needs no host offsets."""
+    return [UBatchSlice(slice(lo, hi), slice(0, num_reqs)) for lo, hi in itertools.pairwise(bounds)]
+
+
 def split_attention_metadata(attn: AttentionMetadata, s: UBatchSlice) -> AttentionMetadata:
     """The metadata of one microbatch: query starts rebased to its first token, sequence lengths cut where a
     request continues in a later microbatch, block tables by request, slot mapping by token."""
     lo, hi, reqs = s.tokens.start, s.tokens.stop, s.requests
     starts = attn.query_start_loc[reqs.start : reqs.stop + 1].clamp(lo, hi) - lo
     ends = attn.query_start_loc[reqs.start + 1 : reqs.stop + 1]
-    seq_lens = attn.seq_lens[reqs] - (ends - hi).clamp(min=0)  # tokens after this slice are not in the cache yet
+    # tokens after this slice are not in the cache yet (a request wholly after it, only possible in the packed
+    # layout, keeps none: it has no query here)
+    seq_lens = (attn.seq_lens[reqs] - (ends - hi).clamp(min=0)).clamp(min=0)
     return AttentionMetadata(
         query_start_loc=starts.to(attn.query_start_loc.dtype),
         seq_lens=seq_lens.to(attn.seq_lens.dtype),
@@ -45,4 +53,5 @@ def split_attention_metadata(attn: AttentionMetadata, s: UBatchSlice) -> Attenti
         block_size=attn.block_size,
         decode_only=attn.decode_only,
         max_seq_len=attn.max_seq_len,
+        context_bound=attn.context_bound,
     )

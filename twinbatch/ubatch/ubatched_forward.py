@@ -12,7 +12,7 @@ from twinbatch.forward_context import ForwardContext
 from twinbatch.models.causal_lm import CausalLM
 from twinbatch.ubatch.decision import ubatch_bounds
 from twinbatch.ubatch.runtime import UBatchContext, UBatchRuntime
-from twinbatch.ubatch.split import UBatchSlice, slice_requests, split_attention_metadata
+from twinbatch.ubatch.split import UBatchSlice, packed_slices, slice_requests, split_attention_metadata
 from twinbatch.worker.model_runner import StepInputs
 
 
@@ -25,10 +25,13 @@ class UBatchedForward:
     def __call__(self, inputs: StepInputs, query_starts: list[int] | None = None) -> torch.Tensor:
         """inputs padded to the same token count on every DP rank -> hidden states [num_tokens, hidden].
         query_starts: the requests' token offsets on the host, when known without reading the device (a CUDA
-        graph capture may not synchronise)."""
-        num_tokens = inputs.attn.num_tokens
-        starts = query_starts if query_starts is not None else inputs.attn.host[0]
-        slices = slice_requests(starts, ubatch_bounds(num_tokens, self.n))
+        graph capture may not synchronise); the packed layout needs none."""
+        attn, bounds = inputs.attn, ubatch_bounds(inputs.attn.num_tokens, self.n)
+        if attn.context_bound:
+            slices = packed_slices(attn.num_reqs, bounds)
+        else:
+            slices = slice_requests(query_starts if query_starts is not None else attn.host[0], bounds)
+        num_tokens = attn.num_tokens
         hidden = torch.empty(num_tokens, self.model.config.hidden_size, dtype=self.model.lm_head.weight.dtype,
                              device=self.device)  # fmt: skip
         # every microbatch issues its kernels on the caller's stream (under capture: the capturing stream)

@@ -19,6 +19,7 @@ class StepSync:
     num_tokens_across_dp: list[int]
     ubatch_votes: list[bool]
     decode_only: list[bool]  # every rank's batch is pure decode (or empty): a CUDA-graph step is possible
+    context_tokens: list[int]  # the sum of each rank's requests' contexts, new tokens included: prefill graphs
     stop: bool
 
     @property
@@ -35,13 +36,20 @@ class DPSync:
         self.group, self.rank, self.size = group, rank, size
 
     def sync(
-        self, num_tokens: int, stop: bool = False, ubatch_vote: bool = False, decode_only: bool = False
+        self,
+        num_tokens: int,
+        stop: bool = False,
+        ubatch_vote: bool = False,
+        decode_only: bool = False,
+        context_tokens: int = 0,
     ) -> StepSync:
         if self.group is None:
-            return StepSync([num_tokens], [ubatch_vote], [decode_only], stop)
-        n = self.size
-        t = torch.zeros(3 * n + 1, dtype=torch.int64)  # [tokens, ubatch vote, decode only] of each rank, stop votes
-        t[self.rank], t[n + self.rank], t[2 * n + self.rank], t[3 * n] = num_tokens, ubatch_vote, decode_only, stop
+            return StepSync([num_tokens], [ubatch_vote], [decode_only], [context_tokens], stop)
+        n, r = self.size, self.rank
+        t = torch.zeros(4 * n + 1, dtype=torch.int64)  # [tokens, ubatch vote, decode only, context] of each rank, stop
+        t[r], t[n + r], t[2 * n + r], t[3 * n + r] = num_tokens, ubatch_vote, decode_only, context_tokens
+        t[4 * n] = stop
         dist.all_reduce(t, group=self.group)
         v = t.tolist()
-        return StepSync(v[:n], [bool(x) for x in v[n : 2 * n]], [bool(x) for x in v[2 * n : 3 * n]], v[3 * n] > 0)
+        flags = [bool(x) for x in v[n : 3 * n]]
+        return StepSync(v[:n], flags[:n], flags[n:], v[3 * n : 4 * n], v[4 * n] > 0)

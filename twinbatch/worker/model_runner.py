@@ -44,6 +44,17 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GraphStep:
+    """A step run as a CUDA graph, as every DP rank agreed: `tokens` is its token bucket. A prefill graph takes
+    the packed attention layout (AttentionMetadata.context_bound), whose context bound is the same bucket unless
+    `context` says otherwise."""
+
+    tokens: int
+    prefill: bool = False
+    context: int = 0
+
+
 class InputBuffers:
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device) -> None:
         def buf(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -88,7 +99,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and _decode_is_capturable(config):
             from twinbatch.worker.graph_runner import GraphRunner
 
-            self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.max_model_len)
+            self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens),
+                                      sched.max_model_len, sched.max_num_batched_tokens)  # fmt: skip
         if config.compilation_level and _decode_is_capturable(config):  # else host loops: nothing to compile
             self.model.model.compiled_layer = compile_layer(DecoderLayer.forward)
         self.ubatched = None
@@ -165,14 +177,20 @@ class ModelRunner:
             caches.append(attn.kv_cache)
         return caches
 
-    def prepare_inputs(self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0) -> StepInputs:
+    def prepare_inputs(
+        self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0, packed: GraphStep | None = None
+    ) -> StepInputs:
         """Packs the batch; pads to num_padded_tokens with tokens that belong to no request (they write their
         KV to the reserved block and their outputs are ignored). With pad_requests = t, the padding tokens form
         requests of t tokens (the last maybe fewer) that read only the reserved block: one-token requests in
-        decode graphs, two-token ones in the compile warm-up's prefill steps."""
+        decode graphs, two-token ones in the compile warm-up's prefill steps. With `packed` (a prefill graph
+        step), the padding tokens belong to no request, the request rows are padded with empty requests to
+        request_rows(), and the metadata takes the packed attention layout bounded by the graph's tokens."""
         ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
+        num_padded_tokens = packed.tokens if packed else num_padded_tokens
         pad = max(0, num_padded_tokens - batch.num_tokens)
         rows = len(batch.scheduled) + (-(-pad // pad_requests) if pad_requests else 0)
+        rows = max(rows, self.request_rows(len(batch.scheduled)) if packed else 0)
         bs = self.block_size
         table = np.zeros((rows, self.max_blocks_per_req), dtype=np.int32)  # numpy: cheap row writes from lists
         for i, s in enumerate(batch.scheduled):
@@ -190,7 +208,16 @@ class ModelRunner:
         for first in range(0, pad, pad_requests) if pad_requests else ():
             seq_lens.append(min(pad_requests, pad - first))
             starts.append(starts[-1] + seq_lens[-1])
-        return self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
+        seq_lens += [0] * (rows - len(seq_lens))
+        starts += [starts[-1]] * (rows + 1 - len(starts))
+        inputs = self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
+        if packed:
+            inputs.attn.decode_only, inputs.attn.context_bound = False, packed.context or packed.tokens
+        return inputs
+
+    def request_rows(self, num_reqs: int) -> int:
+        """The request rows of a prefill graph: a power of two, at least num_reqs, at most max_num_seqs."""
+        return min(self.config.scheduler.max_num_seqs, 1 << max(num_reqs - 1, 0).bit_length())
 
     def _fill(
         self,
@@ -228,30 +255,40 @@ class ModelRunner:
         batch: SchedulerOutput,
         max_tokens_across_dp: int | None = None,
         microbatch: bool = False,
-        graph_bucket: int | None = None,
+        graph: GraphStep | None = None,
     ) -> ModelRunnerOutput:
         """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order, and the prompt
         logprobs of requests that ask for them (computed only then). An empty batch runs
         one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
         With `microbatch` (every DP rank decided so), the batch is padded to max_tokens_across_dp and runs as
-        overlapping microbatches. With `graph_bucket` (a decode step, agreed by every rank) the batch is padded to
-        that bucket and replayed as a CUDA graph."""
-        if graph_bucket is not None:  # a decode step replayed as a CUDA graph, microbatched or not
+        overlapping microbatches. With `graph` (agreed by every rank) the batch is padded to its bucket and
+        replayed as a CUDA graph: a decode graph, or a prefill graph in the packed attention layout (which runs
+        eagerly where there are no graphs, as on CPU)."""
+        if graph is not None and graph.prefill:
+            inputs = self.prepare_inputs(batch, packed=graph)
+            if self.graphs is None:
+                hidden = self._forward(inputs, microbatch, graph.tokens)
+            else:
+                hidden = self.graphs.run_prefill(graph.tokens, inputs.attn.num_reqs, microbatch)
+        elif graph is not None:  # a decode step replayed as a CUDA graph, microbatched or not
             assert self.graphs is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=graph_bucket, pad_requests=1)
-            hidden = self.graphs.run(graph_bucket, inputs.attn.max_seq_len, microbatch)
-        elif microbatch:
-            assert max_tokens_across_dp is not None and self.ubatched is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp)
-            hidden = self.ubatched(inputs)
+            inputs = self.prepare_inputs(batch, num_padded_tokens=graph.tokens, pad_requests=1)
+            hidden = self.graphs.run(graph.tokens, inputs.attn.max_seq_len, microbatch)
         else:
-            inputs = self.prepare_inputs(batch, num_padded_tokens=1)
-            ctx = ForwardContext(inputs.attn, max_tokens_across_dp or inputs.attn.num_tokens)
-            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+            assert not microbatch or max_tokens_across_dp is not None
+            inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp if microbatch else 1)
+            hidden = self._forward(inputs, microbatch, max_tokens_across_dp or inputs.attn.num_tokens)
         out = ModelRunnerOutput(self.model.compute_logits(hidden[inputs.logits_indices]))
         if any(s.request.prompt_logprobs is not None for s in batch.scheduled):
             out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
         return out
+
+    def _forward(self, inputs: StepInputs, microbatch: bool, max_tokens_across_dp: int) -> torch.Tensor:
+        if microbatch:
+            assert self.ubatched is not None
+            return self.ubatched(inputs)
+        ctx = ForwardContext(inputs.attn, max_tokens_across_dp)
+        return self.model(inputs.input_ids, inputs.positions, ctx)
 
     def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor) -> dict[str, LogprobsTensors]:
         """Log-softmax of the logits at every prompt position that scores a prompt token, in chunks of rows."""

@@ -49,6 +49,11 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_context_tokens(self) -> int:
+        """Cache entries the step's attention reads: every request's context, its new tokens included."""
+        return sum(s.request.num_computed_tokens + s.num_new_tokens for s in self.scheduled)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 

@@ -1,0 +1,129 @@
+"""The packed prefill layout that prefill CUDA graphs take (layers/attention.py `packed_attention`,
+worker/graph_runner.py): every request's context gathered into one buffer of a fixed number of rows, request
+rows padded with empty requests, no host reads. Where there are no graphs (CPU) it runs eagerly; it must give
+what the per-request loop gives, whole and microbatched."""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_dbo import LONG, _record
+from test_ubatch_split import MIXED, make_meta, run_attention
+
+from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
+from twinbatch.engine.arg_utils import EngineArgs
+from twinbatch.engine.launcher import free_port
+from twinbatch.engine.llm_engine import LLMEngine
+from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.sampling_params import SamplingParams
+from twinbatch.ubatch.decision import ubatch_bounds
+from twinbatch.worker.dp_sync import StepSync
+from twinbatch.worker.model_runner import GraphStep, ModelRunnerOutput
+from twinbatch.worker.scheduler import SchedulerOutput
+
+
+def packed(meta: AttentionMetadata, empty_rows: int, spare: int) -> AttentionMetadata:
+    """meta in the packed layout: `empty_rows` request rows with no tokens appended (a graph's padding rows),
+    the context bound `spare` rows past the sum of seq_lens."""
+    zeros = torch.zeros(empty_rows, dtype=torch.int32, device=meta.seq_lens.device)
+    return dataclasses.replace(
+        meta,
+        query_start_loc=torch.cat([meta.query_start_loc, meta.query_start_loc[-1:].repeat(empty_rows)]),
+        seq_lens=torch.cat([meta.seq_lens, zeros]),
+        block_tables=torch.cat([meta.block_tables, zeros[:, None].expand(-1, meta.block_tables.shape[1])]),
+        context_bound=int(meta.seq_lens.sum()) + spare,
+    )
+
+
+@pytest.mark.parametrize(("empty_rows", "spare"), [(0, 0), (3, 5)])
+@pytest.mark.parametrize("pad", [0, 4])
+@pytest.mark.parametrize("k", [None, 2, 3])
+def test_packed_attention_equals_the_loop(empty_rows: int, spare: int, pad: int, k: int | None) -> None:
+    """Decodes and prefill chunks on cached context, GQA; whole, or cut into k microbatches (each takes every
+    request row, its query range cut on the device)."""
+    meta = make_meta(*MIXED, pad=pad)
+    bounds = ubatch_bounds(meta.num_tokens, k) if k else None
+    want = run_attention(meta, None)
+    got = run_attention(packed(meta, empty_rows, spare), bounds)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not got[sum(MIXED[1]) :].any()  # padding tokens get 0
+
+
+def test_packed_attention_oracle_detects_a_short_context_bound() -> None:
+    meta = make_meta(*MIXED)
+    short = dataclasses.replace(packed(meta, 0, 0), context_bound=int(meta.seq_lens.sum()) - 3)
+    assert not torch.allclose(run_attention(short, None), run_attention(meta, None), atol=1e-3)
+
+
+def packed_steps(sync: StepSync) -> GraphStep | None:
+    """Every step with a prefill runs in the packed layout, its context bound the next power of two past its
+    contexts: looser than the engine's rule on GPU (both within the token budget), so that chunks on long cached
+    contexts take it too."""
+    if all(sync.decode_only):
+        return None
+    need = max(sync.max_tokens, *sync.context_tokens)
+    return GraphStep(sync.max_tokens, prefill=True, context=1 << (need - 1).bit_length())
+
+
+def engine_logits(model_dir: Path, step: Callable | None, **kw: object) -> dict[str, torch.Tensor]:
+    """Every sampled row's logits, by request, from one process."""
+    engine = LLMEngine(EngineArgs(model=str(model_dir), max_model_len=128, **kw).create_engine_config())
+    if step is not None:
+        engine._graph_step = step
+    rows: dict[str, list[torch.Tensor]] = {}
+    execute = engine.model_runner.execute_model
+
+    def recording(batch: SchedulerOutput, *args: object) -> ModelRunnerOutput:
+        out = execute(batch, *args)
+        for s, row in zip([s for s in batch.scheduled if s.completes_prefill], out.logits, strict=True):
+            rows.setdefault(s.request.request_id, []).append(row.clone())
+        return out
+
+    engine.model_runner.execute_model = recording
+    for p, n in zip(LONG, [6, 1, 4, 3], strict=True):
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {rid: torch.stack(r) for rid, r in rows.items()}
+
+
+@pytest.mark.parametrize("model_fixture", ["dsv2_dir", "qwen3_dir"])
+@pytest.mark.parametrize("budget", [24, 256])
+def test_packed_prefill_steps_match_the_loop(model_fixture: str, budget: int, request: pytest.FixtureRequest) -> None:
+    """One process; a budget of 24 tokens chunks the prompts (chunks on cached context, mixed steps)."""
+    model_dir = request.getfixturevalue(model_fixture)
+    want = engine_logits(model_dir, None, max_num_batched_tokens=budget)
+    got = engine_logits(model_dir, packed_steps, max_num_batched_tokens=budget)
+    assert got.keys() == want.keys()
+    for rid in want:
+        torch.testing.assert_close(got[rid], want[rid], atol=1e-4, rtol=0)
+
+
+def _packed_under_dbo(rank: int, port: int, model_dir: str) -> None:
+    args = EngineArgs(model=model_dir, max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
+                      enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=2,
+                      all2all_backend="all2all", max_num_batched_tokens=32, master_port=port)  # fmt: skip
+    config = args.create_engine_config()
+    config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank))
+    state = init_distributed(config.parallel, config.device)
+    off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, enable_dbo=False))
+    logits = []
+    for c, step in ((off, None), (config, packed_steps)):
+        engine = LLMEngine(c, state)
+        if step is not None:
+            engine._graph_step = step
+        logits.append(_record(engine, LONG[rank::2], [8, 8]))
+    assert logits[0].keys() == logits[1].keys()
+    for rid in logits[0]:
+        torch.testing.assert_close(logits[1][rid], logits[0][rid], atol=1e-4, rtol=0)
+    destroy_distributed()
+
+
+def test_packed_prefill_under_dbo_matches_dbo_off(dsv2_dir: Path) -> None:
+    """DP=2 EP=2 over gloo: packed prefill steps cut into microbatches against the loop with DBO off."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_packed_under_dbo, args=(free_port(), str(dsv2_dir)), nprocs=2)
