@@ -30,6 +30,18 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     return counts[:n]
 
 
+@torch.library.custom_op("twinbatch::cumsum_rows", mutates_args=())
+def cumsum_rows(t: torch.Tensor) -> torch.Tensor:
+    """t.cumsum(0) in t's dtype, one opaque kernel under torch.compile (no graph break): Inductor scans along a
+    long dim 0 serially, 174 us a layer on H200 for a 4096-token prefill's [tokens, ranks] mask."""
+    return t.cumsum(0, dtype=t.dtype)
+
+
+@cumsum_rows.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
 def sum_rows(t: torch.Tensor) -> torch.Tensor:
     """t [n, k, H] -> [n, H] in t's dtype: the k rows of each token added in float32, in a fixed order. Written
     out over k: as a reduction over the middle dim, Inductor loaded the rows uncoalesced (40 to 50 us a layer on

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from twinbatch.compilation import opaque
-from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, sum_rows
+from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, cumsum_rows, sum_rows
 from twinbatch.distributed.collectives import COLLECTIVES
 
 
@@ -35,7 +35,7 @@ class FixedCapacityAll2All(All2AllBackend):
         owner, mask = self.destinations(topk_ids)  # mask [n, size]
         ranks = torch.arange(size, device=x.device)
         # [n, size] row of each (token, destination) pair in the send buffer; pairs not sent go to a spare row
-        target = torch.where(mask, ranks * cap + mask.cumsum(0) - 1, size * cap).flatten()
+        target = torch.where(mask, ranks * cap + cumsum_rows(mask.long()) - 1, size * cap).flatten()
         send_x = x.new_zeros(size * cap + 1, _row_width(x) // x.element_size())
         send_x[target, :hidden] = x[:, None, :].expand(n, size, hidden).reshape(n * size, hidden)
         send_meta = torch.cat([x.new_full((size * cap + 1, k), self.num_experts, dtype=torch.float32),
