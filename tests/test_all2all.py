@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, ExpertInput
+from twinbatch.distributed.all2all.base import cumsum_rows
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.moe import ExpertPlacement, Experts, MoE
 from twinbatch.models.hf_config import ModelConfig
@@ -178,3 +179,13 @@ def _moe_worker(rank: int) -> None:
 
 def test_moe_layer_expert_parallel_matches_single_process() -> None:
     _spawn(_moe_worker)
+
+
+def test_cumsum_rows_is_cumsum_over_tokens_eager_and_compiled() -> None:
+    """The send-row positions' scan (a custom op, so Inductor keeps it whole) against torch.cumsum(0)."""
+    mask = (torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) > 0.4).long()
+    compiled = torch.compile(lambda m: cumsum_rows(m) * 2 - 1, backend="eager", dynamic=True)
+    assert torch.equal(cumsum_rows(mask), mask.cumsum(0))
+    assert torch.equal(compiled(mask), mask.cumsum(0) * 2 - 1) and torch.equal(
+        compiled(mask[:7]), mask[:7].cumsum(0) * 2 - 1
+    )

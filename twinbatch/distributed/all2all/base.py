@@ -32,9 +32,10 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.library.custom_op("twinbatch::cumsum_rows", mutates_args=())
 def cumsum_rows(t: torch.Tensor) -> torch.Tensor:
-    """t.cumsum(0) in t's dtype, one opaque kernel under torch.compile (no graph break): Inductor scans along a
-    long dim 0 serially, 174 us a layer on H200 for a 4096-token prefill's [tokens, ranks] mask."""
-    return t.cumsum(0, dtype=t.dtype)
+    """t.cumsum(0) in t's dtype for a t [n, few], one opaque kernel under torch.compile (no graph break), scanned
+    along the contiguous dim. For a 4096-token prefill's [tokens, 2 ranks] mask on H200: Inductor's scan along
+    dim 0 takes 147 us, eager cumsum(0) 390 us, Inductor along the transposed dim 158 us, this 50 us."""
+    return t.t().contiguous().cumsum(1, dtype=t.dtype).t().contiguous()
 
 
 @cumsum_rows.register_fake
