@@ -18,6 +18,7 @@ from twinbatch.distributed.parallel_state import destroy_distributed, init_distr
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
 from twinbatch.engine.llm_engine import LLMEngine
+from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import AttentionMetadata
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.ubatch.decision import ubatch_bounds
@@ -127,3 +128,17 @@ def test_packed_prefill_under_dbo_matches_dbo_off(dsv2_dir: Path) -> None:
     """DP=2 EP=2 over gloo: packed prefill steps cut into microbatches against the loop with DBO off."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_packed_under_dbo, args=(free_port(), str(dsv2_dir)), nprocs=2)
+
+
+def test_an_idle_rank_dummy_step_in_the_packed_layout(dsv2_dir: Path) -> None:
+    """A DP rank with nothing to do runs the step's padding tokens in the packed layout with no request at all
+    but one empty row: its attention reads nothing and gives zeros, never NaN from an empty softmax."""
+    engine = LLMEngine(EngineArgs(model=str(dsv2_dir), max_model_len=128).create_engine_config())
+    runner = engine.model_runner
+    inputs = runner.prepare_inputs(SchedulerOutput(), packed=GraphStep(16, prefill=True))
+    assert (inputs.attn.num_reqs, inputs.attn.num_tokens, inputs.attn.context_bound) == (1, 16, 16)
+    assert inputs.attn.seq_lens.tolist() == [0] and inputs.attn.query_start_loc.tolist() == [0, 0]
+    with torch.inference_mode():
+        hidden = runner.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, 16))
+    assert hidden.shape == (16, runner.model.config.hidden_size) and hidden.isfinite().all()
+    assert runner.request_rows(0) == 1 and runner.request_rows(2) == 4 and runner.request_rows(17) == 64

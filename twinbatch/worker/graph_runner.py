@@ -7,7 +7,7 @@ the batch padded by one-token requests that read and write only the reserved blo
 A prefill or mixed step runs as a graph when its requests' contexts (new tokens included) fit the token budget:
 its tokens and its context both bounded by one token bucket, it takes the packed attention layout (one gather of
 every context into a buffer of that many rows, variable-length flash attention; layers/attention.py), which
-reads nothing on the host. Its request rows are padded with empty requests to a power of two. Prefill graphs are
+reads nothing on the host. Its request rows are padded with empty requests to a power of 4. Prefill graphs are
 keyed by (token bucket, request rows, microbatched). Graphs are captured on first use.
 
 Every DP rank makes the same decision from the same synced numbers, so all capture (and replay)
