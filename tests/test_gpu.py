@@ -163,7 +163,8 @@ def _recapture_rank(rank: int, config: object, results: object) -> None:
 
     from twinbatch.bench.step import synthetic_batch
     from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
-    from twinbatch.worker.model_runner import GraphStep, ModelRunner
+    from twinbatch.worker.inputs import GraphStep
+    from twinbatch.worker.model_runner import ModelRunner
     from twinbatch.worker.worker_main import worker_device
 
     parallel = dataclasses.replace(config.parallel, data_parallel_rank=rank)

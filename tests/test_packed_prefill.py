@@ -23,7 +23,8 @@ from twinbatch.layers.attention import AttentionMetadata
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.ubatch.decision import ubatch_bounds
 from twinbatch.worker.dp_sync import StepSync
-from twinbatch.worker.model_runner import GraphStep, ModelRunnerOutput
+from twinbatch.worker.inputs import GraphStep
+from twinbatch.worker.model_runner import ModelRunnerOutput
 from twinbatch.worker.scheduler import SchedulerOutput
 
 

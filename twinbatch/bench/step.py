@@ -28,7 +28,8 @@ from twinbatch.engine.launcher import free_port
 from twinbatch.engine.request import Request
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.model_runner import GraphStep, ModelRunner
+from twinbatch.worker.inputs import GraphStep
+from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.worker.worker_main import worker_device
 

@@ -19,7 +19,8 @@ from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.dp_sync import DPSync, StepSync
-from twinbatch.worker.model_runner import GraphStep, ModelRunner, ModelRunnerOutput
+from twinbatch.worker.inputs import GraphStep
+from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from twinbatch.models.causal_lm import CausalLM
 from twinbatch.ubatch.decision import ubatch_bounds
 from twinbatch.ubatch.runtime import UBatchContext, UBatchRuntime
 from twinbatch.ubatch.split import UBatchSlice, packed_slices, slice_requests, split_attention_metadata
-from twinbatch.worker.model_runner import StepInputs
+from twinbatch.worker.inputs import StepInputs
 
 
 class UBatchedForward:

@@ -26,7 +26,7 @@ import torch
 
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import AttentionMetadata
-from twinbatch.worker.model_runner import StepInputs
+from twinbatch.worker.inputs import StepInputs
 
 
 def _power_of_two_buckets(limit: int, start: int = 1) -> list[int]:

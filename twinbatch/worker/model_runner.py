@@ -23,6 +23,7 @@ from twinbatch.layers.moe import ExpertPlacement, Experts
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs
 from twinbatch.models.causal_lm import DecoderLayer
 from twinbatch.models.loader import build_model
+from twinbatch.worker.inputs import GraphStep, InputBuffers, StepInputs
 from twinbatch.worker.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -30,43 +31,10 @@ PROMPT_LOGITS_CHUNK = 256  # rows of prompt logits at a time: [256, vocab] float
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled], the last new token of each request that samples
-
-
-@dataclass
 class ModelRunnerOutput:
     logits: torch.Tensor  # [num_sampled, vocab] float32, in scheduling order
     # request id -> LogprobsTensors of the prompt tokens this step scored (ScheduledRequest.prompt_logprob_positions)
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GraphStep:
-    """A step run as a CUDA graph, as every DP rank agreed: `tokens` is its token bucket. A prefill graph takes
-    the packed attention layout (AttentionMetadata.context_bound), whose context bound is the same bucket unless
-    `context` says otherwise."""
-
-    tokens: int
-    prefill: bool = False
-    context: int = 0
-
-
-class InputBuffers:
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, device: torch.device) -> None:
-        def buf(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.input_ids = buf(max_tokens, dtype=torch.int64)
-        self.positions = buf(max_tokens, dtype=torch.int64)
-        self.slot_mapping = buf(max_tokens, dtype=torch.int64)
-        self.query_start_loc = buf(max_reqs + 1)
-        self.seq_lens = buf(max_reqs)
-        self.block_tables = buf(max_reqs, max_blocks_per_req)
-        self.logits_indices = buf(max_reqs, dtype=torch.int64)
 
 
 class ModelRunner:
