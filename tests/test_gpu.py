@@ -158,7 +158,7 @@ def test_dbo_cuda_graphs_match_eager(dsv2_dir: Path, backend: str) -> None:
         graphs.shutdown()
 
 
-def _recapture_rank(rank: int, config: object, results: object) -> None:
+def _recapture_rank(rank: int, config: object, phase: str, results: object) -> None:
     import dataclasses
 
     from twinbatch.bench.step import synthetic_batch
@@ -171,11 +171,12 @@ def _recapture_rank(rank: int, config: object, results: object) -> None:
     config = dataclasses.replace(config, parallel=parallel, device=worker_device(config, rank))
     state = init_distributed(config.parallel, config.device)
     runner = ModelRunner(config, state)
-    batch = synthetic_batch(config, 8, "decode", 40)
+    batch = synthetic_batch(config, 8, phase, 40)
+    step = GraphStep(8) if phase == "decode" else GraphStep(16, prefill=True)
     allocated = []
     for _ in range(4):
         runner.graphs.clear()
-        runner.execute_model(batch, 8, microbatch=True, graph=GraphStep(8))
+        runner.execute_model(batch, 8, microbatch=True, graph=step)
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated(config.device))
     assert len(runner.graphs.graphs) == 1
@@ -185,7 +186,8 @@ def _recapture_rank(rank: int, config: object, results: object) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_dbo_graph_recapture_does_not_leak_memory() -> None:
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_dbo_graph_recapture_does_not_leak_memory(phase: str) -> None:
     import torch.multiprocessing as mp
 
     from twinbatch.engine.arg_utils import EngineArgs
@@ -197,7 +199,7 @@ def test_dbo_graph_recapture_does_not_leak_memory() -> None:
         master_port=free_port(),
     ).create_engine_config()  # fmt: skip
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_recapture_rank, args=(config, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_recapture_rank, args=(config, phase, results), nprocs=2, start_method="spawn")
     for _ in range(2):
         rank, allocated = results.get()
         assert allocated[1:] == allocated[:1] * 3, f"rank {rank}: memory after each re-capture {allocated}"
