@@ -17,6 +17,7 @@ def test_bench_step_reports_dbo_off_and_on() -> None:
     assert report["setup"] | {"dp": 2, "backend": "all2all", "ubatches": 2} == report["setup"]
     for mode in ("dbo_off", "dbo_on", "compute_only", "compute_only_dbo", "comm_only"):
         assert 0 < report[mode]["p10_ms"] <= report[mode]["median_ms"] <= report[mode]["p90_ms"]
+        assert 0 < report[mode]["host_median_ms"] <= report[mode]["p90_ms"]  # until the step returns, no GPU wait
         assert report[mode]["tokens_per_s"] > 0
     assert report["speedup"] > 0
     assert report["ideal_ms"] == max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])

@@ -33,6 +33,8 @@ from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.worker.worker_main import worker_device
 
+Times = dict[str, list[tuple[float, float]]]  # mode -> (step, host) seconds of each measured step
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("step", help="time model steps with DBO off and on (dummy weights, synthetic batch)")
@@ -132,7 +134,7 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
     destroy_distributed()
 
 
-def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict) -> dict[str, list[float]]:
+def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict) -> Times:
     """DBO off and on, as CUDA graphs where the step is a graph-eligible decode (and eagerly too); then the
     decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
     on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
@@ -202,27 +204,32 @@ def _hbm_bandwidth_gbs(device: torch.device, override: float | None) -> float | 
 HBM_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100": 3350.0, "H20": 4000.0, "A100": 2039.0}
 
 
-def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict) -> list[float]:
+def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict) -> list[tuple[float, float]]:
+    """(step, host) seconds of each measured step: host is until fn returns, before waiting for the GPU; a step
+    whose host time equals its step time is bound by the host, not the GPU."""
     times = []
     for i in range(opts["warmup"] + opts["num_steps"]):
         if group is not None:
             dist.barrier(group=group)
         start = time.perf_counter()
         fn()
+        host = time.perf_counter() - start
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= opts["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start, host))
     return times
 
 
 def _report(
-    times: dict[str, list[float]], opts: dict, config: EngineConfig, runner: ModelRunner, batch: SchedulerOutput
+    times: Times, opts: dict, config: EngineConfig, runner: ModelRunner, batch: SchedulerOutput
 ) -> dict[str, Any]:
-    def stats(t: list[float]) -> dict[str, float]:
+    def stats(step_host: list[tuple[float, float]]) -> dict[str, float]:
+        t = [step for step, _ in step_host]
         q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
         median = statistics.median(t)
         return {"median_ms": 1e3 * median, "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
+                "host_median_ms": 1e3 * statistics.median(host for _, host in step_host),
                 "tokens_per_s": opts["tokens_per_rank"] * config.parallel.data_parallel_size / median}  # fmt: skip
 
     report = {name: stats(t) for name, t in times.items()}
@@ -245,12 +252,13 @@ def _report(
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"setup: {report['setup']}", f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'tok/s':>10}"]
+    lines = [f"setup: {report['setup']}",
+             f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'host ms':>9} {'tok/s':>10}"]  # fmt: skip
     for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
                  "comm_only"):  # fmt: skip
         if name in report:
             r = report[name]
-            ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f}"
+            ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} {r['host_median_ms']:9.2f}"
             lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
     if "speedup" in report:
         lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "

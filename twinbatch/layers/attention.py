@@ -221,4 +221,4 @@ def _varlen_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
         scale=scale, enable_gqa=k.shape[1] != q.shape[1],
     )  # fmt: skip
-    return out.transpose(0, 1).nan_to_num(0.0)  # rows with no key (padding) are NaN
+    return out.transpose(0, 1).nan_to_num(0.0)  # a row with no key is NaN; the caller zeroes padding rows
