@@ -5,6 +5,7 @@ what the per-request loop gives, whole and microbatched."""
 
 import dataclasses
 import os
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from twinbatch.layers.attention import AttentionMetadata
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.ubatch.decision import ubatch_bounds
 from twinbatch.worker.dp_sync import StepSync
+from twinbatch.worker.graph_runner import _power_of_two_buckets, _prefill_buckets
 from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunnerOutput
 from twinbatch.worker.scheduler import SchedulerOutput
@@ -143,3 +145,31 @@ def test_an_idle_rank_dummy_step_in_the_packed_layout(dsv2_dir: Path) -> None:
         hidden = runner.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, 16))
     assert hidden.shape == (16, runner.model.config.hidden_size) and hidden.isfinite().all()
     assert runner.request_rows(0) == 1 and runner.request_rows(2) == 4 and runner.request_rows(17) == 64
+
+
+def test_prefill_buckets() -> None:
+    assert _prefill_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
+    assert _prefill_buckets(300) == [16, 32, 64, 128, 256, 300]
+    assert _prefill_buckets(1100) == [16, 32, 64, 128, 256, 512, 1024, 1100]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "decode_only", "context", "want"),
+    [
+        ([5, 3], [True, True], [900, 500], GraphStep(8)),  # decodes: a decode graph, whatever their contexts
+        ([40, 1], [False, True], [40, 30], GraphStep(64, prefill=True)),  # contexts fit: a prefill graph
+        ([40, 0], [False, True], [40, 0], GraphStep(64, prefill=True)),  # an idle rank joins it
+        ([40, 1], [False, True], [40, 900], None),  # a rank's contexts past the budget: eager
+        ([300, 300], [True, True], [300, 300], GraphStep(512, prefill=True)),  # past the decode buckets
+    ],
+)
+def test_engine_graph_rule(tokens: list[int], decode_only: list[bool], context: list[int],
+                           want: GraphStep | None) -> None:  # fmt: skip
+    """The rule every DP rank applies to the same synced numbers (budget 512 tokens, 256 decode rows)."""
+    graphs = types.SimpleNamespace(
+        batch_bucket=lambda n: next((b for b in _power_of_two_buckets(256) if b >= n), None),
+        prefill_bucket=lambda n: next((b for b in _prefill_buckets(512) if b >= n), None),
+    )
+    engine = types.SimpleNamespace(model_runner=types.SimpleNamespace(graphs=graphs))
+    sync = StepSync(tokens, [False] * 2, decode_only, context, False)
+    assert LLMEngine._graph_step(engine, sync) == want
