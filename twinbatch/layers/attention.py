@@ -163,10 +163,9 @@ def packed_context(cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.
     their offsets cu_seq_k [num_reqs + 1]; no host reads. Rows past the last request are zeros."""
     bound, bs = meta.context_bound, cache.shape[1]
     cu_k = F.pad(meta.seq_lens.long().cumsum(0), (1, 0))  # [num_reqs + 1]
-    row = torch.arange(bound, device=cache.device)
-    req = (torch.searchsorted(cu_k, row, right=True) - 1).clamp(0, max(meta.num_reqs - 1, 0))  # skips empty ones
-    offset = row - cu_k[req]
-    valid = row < cu_k[-1]
+    req, offset = _request_of_rows(cu_k, bound)
+    valid = req < meta.num_reqs
+    req = req.clamp(max=meta.num_reqs - 1)
     block = meta.block_tables[req, (offset // bs).clamp(max=meta.block_tables.shape[1] - 1)].long()
     slot = torch.where(valid, block * bs + offset % bs, PADDING_SLOT)
     entries = cache.view(-1, *cache.shape[2:])[slot]
@@ -206,14 +205,8 @@ def _varlen_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
                    scale: float) -> torch.Tensor:  # fmt: skip
     """The same on any device and dtype (flash takes only 16-bit ones), as one SDPA over
     [num_tokens, context_bound] with a block-causal mask."""
-
-    def request_and_index(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = torch.arange(n, device=cu.device)
-        req = torch.searchsorted(cu, row, right=True) - 1  # num_reqs past the end
-        return req, row - cu[req.clamp(max=cu.shape[0] - 2)]
-
-    q_req, q_idx = request_and_index(cu_q, q.shape[0])
-    k_req, k_idx = request_and_index(cu_k, k.shape[0])
+    q_req, q_idx = _request_of_rows(cu_q, q.shape[0])
+    k_req, k_idx = _request_of_rows(cu_k, k.shape[0])
     lens_q, lens_k = cu_q.diff(), cu_k.diff()
     shift = (lens_k - lens_q)[q_req.clamp(max=lens_q.shape[0] - 1)]  # queries sit at the end of their sequence
     mask = (q_req[:, None] == k_req[None, :]) & (k_idx[None, :] <= (q_idx + shift)[:, None])
@@ -222,3 +215,11 @@ def _varlen_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
         scale=scale, enable_gqa=k.shape[1] != q.shape[1],
     )  # fmt: skip
     return out.transpose(0, 1).nan_to_num(0.0)  # a row with no key is NaN; the caller zeroes padding rows
+
+
+def _request_of_rows(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [0, n) of requests packed back to back at offsets cu [num_reqs + 1] -> (each row's request, its
+    index within it); empty requests own no row, rows past the end get num_reqs."""
+    row = torch.arange(n, device=cu.device)
+    req = torch.searchsorted(cu, row, right=True) - 1
+    return req, row - cu[req.clamp(max=cu.shape[0] - 2)]
