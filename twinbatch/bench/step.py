@@ -28,6 +28,7 @@ from twinbatch.engine.launcher import free_port
 from twinbatch.engine.request import Request
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.worker.block_manager import BlockManager
+from twinbatch.worker.graph_runner import graph_step
 from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunner
 from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
@@ -163,13 +164,9 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
 def _graph_step(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> GraphStep | None:
     """The CUDA graph the engine would replay the step as (decode, or prefill in the packed layout); None: the
     step runs eagerly."""
-    graphs = runner.graphs
-    if graphs is None:
+    if runner.graphs is None:
         return None
-    if opts["phase"] == "decode":
-        return GraphStep(bucket) if (bucket := graphs.batch_bucket(batch.num_tokens)) else None
-    bucket = graphs.prefill_bucket(batch.num_context_tokens)
-    return GraphStep(bucket, prefill=True) if bucket else None
+    return graph_step(runner.graphs, opts["phase"] == "decode", batch.num_tokens, batch.num_context_tokens)
 
 
 def _step(runner: ModelRunner, batch: SchedulerOutput, opts: dict, ubatch: bool, graph: bool = True

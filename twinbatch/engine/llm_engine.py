@@ -19,6 +19,7 @@ from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.dp_sync import DPSync, StepSync
+from twinbatch.worker.graph_runner import graph_step
 from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
 from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
@@ -110,10 +111,7 @@ class LLMEngine:
         graphs = self.model_runner.graphs
         if graphs is None:
             return None
-        if all(sync.decode_only) and (bucket := graphs.batch_bucket(sync.max_tokens)) is not None:
-            return GraphStep(bucket)
-        bucket = graphs.prefill_bucket(max(sync.max_tokens, *sync.context_tokens))
-        return GraphStep(bucket, prefill=True) if bucket is not None else None
+        return graph_step(graphs, all(sync.decode_only), sync.max_tokens, max(sync.context_tokens))
 
     def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         for request_id, tensors in out.prompt_logprobs.items():

@@ -26,7 +26,7 @@ import torch
 
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import AttentionMetadata
-from twinbatch.worker.inputs import StepInputs
+from twinbatch.worker.inputs import GraphStep, StepInputs
 
 
 def _power_of_two_buckets(limit: int, start: int = 1) -> list[int]:
@@ -107,6 +107,17 @@ class GraphRunner:
             hidden = forward()
         self.pool = graph.pool()
         return graph, hidden
+
+
+def graph_step(graphs: GraphRunner, decode_only: bool, tokens: int, context_tokens: int) -> GraphStep | None:
+    """How a step runs as a CUDA graph: a decode graph when it has only decodes (or nothing) and `tokens`
+    fits a batch bucket; else a prefill graph when its tokens and its requests' contexts (new tokens included)
+    fit the token budget; else None (eager). Under DP every rank passes the same synced numbers (the largest
+    of each), so all take the same graph."""
+    if decode_only and (bucket := graphs.batch_bucket(tokens)) is not None:
+        return GraphStep(bucket)
+    bucket = graphs.prefill_bucket(max(tokens, context_tokens))
+    return GraphStep(bucket, prefill=True) if bucket is not None else None
 
 
 def _prefill_buckets(limit: int) -> list[int]:
