@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_data_parallel import greedy
+from test_gpu import assert_close_until_a_tie
+from test_hf_parity import run_recording
 from test_triton_decode import make_cache, reference
 
 from twinbatch import LLM
@@ -129,12 +131,22 @@ def test_triton_backend_greedy_equals_reference(model_dir: Path) -> None:
 
 def test_triton_backend_in_cuda_graphs_equals_eager(model_dir: Path) -> None:
     """bf16 with grouped-GEMM experts: decode steps replay as CUDA graphs (the kernel never waits for the host)."""
-    kwargs = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 512, "attention_backend": "triton",
-              "moe_backend": "grouped_mm"}  # fmt: skip
-    eager = greedy(LLM(str(model_dir), enforce_eager=True, **kwargs), PROMPTS, [16] * 3)
+    graphs_match_eager(model_dir, dtype="bfloat16", attention_backend="triton", moe_backend="grouped_mm")
+
+
+def graphs_match_eager(model_dir: Path, **kwargs: str) -> None:
+    """Graphs on against --enforce-eager: float32 gives the same tokens. In bf16 the two runs' prefill attention
+    differs (packed variable-length flash in a graph, cuDNN per request eagerly), so they are held to the bf16
+    standard of assert_close_until_a_tie (on H200 the Triton experts' run parted at one token)."""
+    kwargs = {"device": "cuda", "max_model_len": 512, **kwargs}
+    eager = run_recording(LLM(str(model_dir), enforce_eager=True, **kwargs), PROMPTS)
     llm = LLM(str(model_dir), **kwargs)
-    assert greedy(llm, PROMPTS, [16] * 3) == eager
-    assert llm.llm_engine.model_runner.graphs.graphs, "no decode step ran as a CUDA graph"
+    graphed = run_recording(llm, PROMPTS)
+    assert llm.llm_engine.model_runner.graphs.graphs, "no step ran as a CUDA graph"
+    if kwargs["dtype"] == "float32":
+        assert graphed[0] == eager[0]
+    else:
+        assert_close_until_a_tie(*eager[:2], *graphed[:2])
 
 
 # The fused Triton experts (moe_backend="triton") on DeepSeek-V2-Lite's per-rank shapes under 2-way expert
@@ -192,12 +204,7 @@ def test_triton_experts_timing(num_tokens: int) -> None:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_triton_moe_backend_in_cuda_graphs_equals_eager(model_dir: Path, dtype: str) -> None:
     """Decode steps with Triton experts replay as CUDA graphs (no host synchronisation, in either dtype)."""
-    kwargs = {"device": "cuda", "dtype": dtype, "max_model_len": 512, "attention_backend": "triton",
-              "moe_backend": "triton"}  # fmt: skip
-    eager = greedy(LLM(str(model_dir), enforce_eager=True, **kwargs), PROMPTS, [16] * 3)
-    llm = LLM(str(model_dir), **kwargs)
-    assert greedy(llm, PROMPTS, [16] * 3) == eager
-    assert llm.llm_engine.model_runner.graphs.graphs, "no decode step ran as a CUDA graph"
+    graphs_match_eager(model_dir, dtype=dtype, attention_backend="triton", moe_backend="triton")
 
 
 def test_triton_moe_backend_greedy_equals_reference(model_dir: Path) -> None:

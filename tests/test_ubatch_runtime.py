@@ -170,3 +170,38 @@ def test_step_after_failure_with_late_wakeups(
         rt = make_runtime(2)
     run_failing(rt, [layered([], fail_after=0), layered([])], "microbatch 0 failed before its first yield")
     run_normal(rt)
+
+
+def test_comm_sms_reserved_sets_and_restores_the_matmul_carveout() -> None:
+    """The reservation is process state that a GPU step's persistent matmuls read (settable without a GPU): set
+    inside the block, restored after it, also when the step raises; none for 0 SMs or on CPU."""
+    import torch
+
+    from twinbatch.ubatch.ubatched_forward import comm_sms_reserved
+
+    def state() -> tuple[object, object]:
+        return torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+
+    before = state()
+    with pytest.raises(RuntimeError, match="microbatch failed"), comm_sms_reserved(torch.device("cuda"), 8):
+        assert state() == (8, torch._C._BlasBackend.Cublaslt)  # cuBLAS honours the carveout only through Lt
+        raise RuntimeError("microbatch failed")
+    assert state() == before
+    with comm_sms_reserved(torch.device("cuda"), 0), comm_sms_reserved(torch.device("cpu"), 8):
+        assert state() == before
+
+
+def test_dbo_comm_sms_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from twinbatch.ubatch.ubatched_forward import dbo_comm_sms
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("TWINBATCH_DBO_COMM_SMS", raising=False)
+    assert dbo_comm_sms(cpu) == 8
+    monkeypatch.setenv("TWINBATCH_DBO_COMM_SMS", "0")
+    assert dbo_comm_sms(cpu) == 0
+    for bad in ("-1", "eight", "4.5"):
+        monkeypatch.setenv("TWINBATCH_DBO_COMM_SMS", bad)
+        with pytest.raises(ValueError, match=r"TWINBATCH_DBO_COMM_SMS='.*': set it to a whole number of SMs"):
+            dbo_comm_sms(cpu)

@@ -239,6 +239,7 @@ def _report(
     report["setup"] = {k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")} | {
         "dp": config.parallel.data_parallel_size, "backend": config.parallel.all2all_backend,
         "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
+        "dbo_comm_sms": runner.ubatched.comm_sms if runner.ubatched is not None else 0,
     }  # fmt: skip
     bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
     compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication

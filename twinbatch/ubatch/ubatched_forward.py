@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -16,10 +17,23 @@ from twinbatch.ubatch.split import UBatchSlice, packed_slices, slice_requests, s
 from twinbatch.worker.inputs import StepInputs
 
 
+def dbo_comm_sms(device: torch.device) -> int:
+    """TWINBATCH_DBO_COMM_SMS (vLLM: VLLM_DBO_COMM_SMS): SMs the matmuls of a microbatched GPU step leave free
+    for the collectives running beside them; 0 reserves none. Default 8: NCCL's all-to-all took 4 blocks
+    on H200 with P2P off, and 8 gave the best DBO prefill there (docs/performance.md)."""
+    value = os.environ.get("TWINBATCH_DBO_COMM_SMS", "8")
+    sms = device.type == "cuda" and torch.cuda.get_device_properties(device).multi_processor_count
+    if not value.isdigit() or (sms and int(value) >= sms):
+        raise ValueError(f"TWINBATCH_DBO_COMM_SMS={value!r}: set it to a whole number of SMs below the GPU's "
+                         f"{sms or 'count'} (0 reserves none)")  # fmt: skip
+    return int(value)
+
+
 class UBatchedForward:
     def __init__(self, model: CausalLM, num_ubatches: int, device: torch.device) -> None:
         self.model, self.n, self.device = model, num_ubatches, device
         self.runtime = UBatchRuntime(num_ubatches)
+        self.comm_sms = dbo_comm_sms(device)
         self.last_trace: list[tuple[int, str]] = []  # (microbatch, yield label) of the last step, in order
 
     def __call__(self, inputs: StepInputs, query_starts: list[int] | None = None) -> torch.Tensor:
@@ -37,7 +51,8 @@ class UBatchedForward:
         # every microbatch issues its kernels on the caller's stream (under capture: the capturing stream)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         work = [functools.partial(self._forward, inputs, s, hidden, stream) for s in slices]
-        self.last_trace = self.runtime.run(work)
+        with comm_sms_reserved(self.device, self.comm_sms):
+            self.last_trace = self.runtime.run(work)
         return hidden
 
     def _forward(
@@ -59,3 +74,23 @@ def _on_stream(device: torch.device, stream: torch.cuda.Stream | None) -> Iterat
     torch.cuda.set_device(device)  # the current device is per thread too
     with torch.cuda.stream(stream):
         yield
+
+
+@contextlib.contextmanager
+def comm_sms_reserved(device: torch.device, sms: int) -> Iterator[None]:
+    """Inside the block, persistent matmul kernels (cuBLASLt, and CUTLASS's grouped GEMM) size their grids to
+    leave `sms` SMs free. A persistent GEMM sized for every SM has some of its blocks queued behind a
+    collective's blocks, which stay resident for the whole transfer (waiting for the peer included): the GEMM
+    then ends only after the collective does. Process-wide state, set while the microbatch threads run (and are
+    captured: a graph keeps the grids it was captured with); cuBLAS honours it through cuBLASLt only."""
+    if device.type != "cuda" or sms <= 0:
+        yield
+        return
+    carveout, blas = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+    torch._C._set_sm_carveout_experimental(sms)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(carveout)
+        torch.backends.cuda.preferred_blas_library(blas)
