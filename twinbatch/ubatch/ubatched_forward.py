@@ -24,8 +24,8 @@ def dbo_comm_sms(device: torch.device) -> int:
     value = os.environ.get("TWINBATCH_DBO_COMM_SMS", "8")
     sms = device.type == "cuda" and torch.cuda.get_device_properties(device).multi_processor_count
     if not value.isdigit() or (sms and int(value) >= sms):
-        raise ValueError(f"TWINBATCH_DBO_COMM_SMS={value!r}: set it to a whole number of SMs below the GPU's "
-                         f"{sms or 'count'} (0 reserves none)")  # fmt: skip
+        raise ValueError(f"TWINBATCH_DBO_COMM_SMS={value!r}: set it to a whole number of SMs below the GPU's SM "
+                         f"count{f' ({sms})' if sms else ''}; 0 reserves none")  # fmt: skip
     return int(value)
 
 
