@@ -42,3 +42,18 @@ def test_bench_step_profile_writes_traces_and_kernel_tables(tmp_path: Path) -> N
                 assert len(threads) >= 3, "the microbatch threads' operators are in the trace"
         assert f"{name}_rank0: CPU operators" in out  # rank 0's tables are printed
     assert "dbo_off_rank1" not in out
+
+
+def test_overlap_summary_of_a_step_s_kernels() -> None:
+    """Compute kernels [0, 10], [5, 20] and [30, 40] us (a union of 30 us, overlaps merged) and one collective
+    [15, 35] us, of which 10 us ran beside compute."""
+    from twinbatch.bench.profile import overlap_summary
+
+    kernels = [("gemm", 0.0, 10.0), ("ncclDevKernel_SendRecv", 15.0, 35.0), ("triton_poi", 5.0, 20.0),
+               ("gemm", 30.0, 40.0)]  # fmt: skip
+    assert overlap_summary(kernels) == (
+        "span 0.04 ms: compute kernels running 0.03 ms, none 0.01 ms; collectives 0.02 ms, 0.01 ms of it beside compute"
+    )
+    kernels = [(name, start * 1e3, end * 1e3) for name, start, end in kernels]  # the same in ms
+    assert overlap_summary(kernels).startswith("span 40.00 ms: compute kernels running 30.00 ms, none 10.00 ms;")
+    assert overlap_summary(kernels).endswith("collectives 20.00 ms, 10.00 ms of it beside compute")
