@@ -164,8 +164,6 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
 def _graph_step(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> GraphStep | None:
     """The CUDA graph the engine would replay the step as (decode, or prefill in the packed layout); None: the
     step runs eagerly."""
-    if runner.graphs is None:
-        return None
     return graph_step(runner.graphs, opts["phase"] == "decode", batch.num_tokens, batch.num_context_tokens)
 
 
@@ -184,9 +182,7 @@ def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: 
     tied = embed is model.lm_head.weight
     params = sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
     params += 0 if tied else batch.num_tokens * embed.shape[1] * embed.element_size()
-    kv = sum(s.request.num_computed_tokens + s.num_new_tokens for s in batch.scheduled) * sum(
-        c[0, 0].numel() * c.element_size() for c in runner.kv_caches
-    )
+    kv = batch.num_context_tokens * sum(c[0, 0].numel() * c.element_size() for c in runner.kv_caches)
     return 1e3 * (params + kv) / (bandwidth_gbs * 1e9)
 
 

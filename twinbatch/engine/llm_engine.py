@@ -108,10 +108,7 @@ class LLMEngine:
         """A CUDA-graph step (microbatched or not), the same answer on every rank, from the same synced numbers:
         a decode graph when every rank has only decodes (or nothing) and the batch fits a bucket; else a
         prefill graph when every rank's requests' contexts fit the token budget (worker/graph_runner.py)."""
-        graphs = self.model_runner.graphs
-        if graphs is None:
-            return None
-        return graph_step(graphs, all(sync.decode_only), sync.max_tokens, max(sync.context_tokens))
+        return graph_step(self.model_runner.graphs, all(sync.decode_only), sync.max_tokens, max(sync.context_tokens))
 
     def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         for request_id, tensors in out.prompt_logprobs.items():

@@ -109,11 +109,13 @@ class GraphRunner:
         return graph, hidden
 
 
-def graph_step(graphs: GraphRunner, decode_only: bool, tokens: int, context_tokens: int) -> GraphStep | None:
-    """How a step runs as a CUDA graph: a decode graph when it has only decodes (or nothing) and `tokens`
-    fits a batch bucket; else a prefill graph when its tokens and its requests' contexts (new tokens included)
-    fit the token budget; else None (eager). Under DP every rank passes the same synced numbers (the largest
-    of each), so all take the same graph."""
+def graph_step(graphs: GraphRunner | None, decode_only: bool, tokens: int, context_tokens: int) -> GraphStep | None:
+    """How a step runs as a CUDA graph: a decode graph when it has only decodes (or nothing) and `tokens` fits a
+    batch bucket; else a prefill graph when its tokens and its requests' contexts (new tokens included) fit the
+    token budget; else None (eager), as always where there are no graphs. Under DP every rank passes the same
+    synced numbers (the largest of each), so all take the same graph."""
+    if graphs is None:
+        return None
     if decode_only and (bucket := graphs.batch_bucket(tokens)) is not None:
         return GraphStep(bucket)
     bucket = graphs.prefill_bucket(max(tokens, context_tokens))
