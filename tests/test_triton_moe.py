@@ -87,16 +87,21 @@ def test_bit_identical_across_runs(interpreter: Interpreter) -> None:
     assert torch.equal(run(interpreter, experts, inputs), run(interpreter, experts, inputs))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("block_m", [4, 16])
-def test_align_block_size_layout(block_m: int) -> None:
+def test_align_block_size_layout(block_m: int, compiled: bool) -> None:
     """Each expert's pairs in token order in its own run of rows, starting on a tile boundary and padded with
-    num_pairs; each tile labelled with its expert; the tiles past the last run labelled num_experts."""
+    num_pairs; each tile labelled with its expert; the tiles past the last run labelled num_experts. Compiled
+    (as inside a compiled layer), the expert sort is the rank sort instead of argsort: the same layout."""
     from twinbatch.layers import triton_moe  # compiled mode here: the align step is torch only
 
     num_experts, k = 5, 3
     ids = torch.randint(-1, num_experts + 2, (23, k), generator=torch.Generator().manual_seed(block_m))
     ids[ids == 2] = 0  # expert 2 gets no pair; ids -1, 5 and 6 are skipped
-    rows, tile_expert = triton_moe.align_block_size(ids, num_experts, block_m)
+    align = triton_moe.align_block_size
+    if compiled:
+        align = torch.compile(align, dynamic=True, fullgraph=True)
+    rows, tile_expert = align(ids, num_experts, block_m)
     num_pairs, flat = ids.numel(), ids.flatten()
     assert rows.shape == (-(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m,)
     assert tile_expert.shape == (rows.shape[0] // block_m,)
@@ -109,6 +114,19 @@ def test_align_block_size_layout(block_m: int) -> None:
         assert (tile_expert[at // block_m : (at + padded) // block_m] == expert).all()
         at += padded
     assert (rows[at:] == num_pairs).all() and (tile_expert[at // block_m :] == num_experts).all()
+
+
+def test_prefill_sized_bf16_batches_take_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the threshold, bfloat16 batches on the triton backend take torch._grouped_mm (faster there); here on
+    CPU without the interpreter, where a Triton launch would raise. float32 ones stay on the kernels (test above)."""
+    from twinbatch.layers import moe
+
+    experts, (x, weights, ids) = make_case(8, 6, 37, torch.bfloat16)
+    monkeypatch.setattr(moe, "RANK_SORT_MAX_PAIRS", ids.numel() - 1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    experts.backend = "triton"
+    out = experts(x, weights, ids)
+    assert torch.equal(out, experts._forward_grouped(x, weights, ids))
 
 
 def _whole_model(model_dir: Path) -> tuple[list, list, int]:

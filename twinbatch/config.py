@@ -133,7 +133,8 @@ class ParallelConfig:
 ATTENTION_BACKENDS = ("reference", "batched", "triton")
 # "grouped_mm": routed experts as two torch._grouped_mm calls over expert-sorted tokens (GPU: bfloat16).
 # "triton": routed experts as two fused grouped-GEMM Triton kernels over expert-sorted, BLOCK_M-padded tokens
-# (layers/triton_moe.py); opt-in until measured on a GPU. CUDA only, or the interpreter with TRITON_INTERPRET=1.
+# (layers/triton_moe.py), up to 8192 (token, expert) pairs in bfloat16 (decode-sized; larger batches take
+# grouped_mm, faster there); the GPU default. CUDA only, or the interpreter with TRITON_INTERPRET=1.
 MOE_BACKENDS = ("reference", "grouped_mm", "triton")
 
 

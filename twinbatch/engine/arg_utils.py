@@ -56,7 +56,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
-    moe_backend: str = "auto"  # auto: grouped_mm on GPU, reference on CPU
+    moe_backend: str = "auto"  # auto: triton on GPU, reference on CPU
     enforce_eager: bool = False  # turn off CUDA graphs for decode steps
     compilation_config: str | None = None  # -O: torch.compile level, 0 = off (default: on where decode is a graph)
     data_parallel_size: int = 1
@@ -146,7 +146,7 @@ class EngineArgs:
             seed=self.seed,
             parallel=parallel,
             attention_backend=_auto(self.attention_backend, "triton", device),
-            moe_backend=_auto(self.moe_backend, "grouped_mm", device),
+            moe_backend=_auto(self.moe_backend, "triton", device),
             enforce_eager=self.enforce_eager,
             compilation_level=parse_level(self.compilation_config, 3 if device.type == "cuda" else 0),
         )

@@ -2,14 +2,18 @@
 and each expert's run padded to a multiple of BLOCK_M, then two grouped GEMMs in which every BLOCK_M-row tile
 belongs to one expert and reads only that expert's weights.
 
-1. `align_block_size` (torch ops, no host synchronisation): pair ids sorted by expert into a buffer of
-   num_pairs + E * (BLOCK_M - 1) rows, a host-known bound on the padded length, so every grid is sized from
-   shapes alone and a step can be captured in a CUDA graph; padding rows hold num_pairs, tiles past the real
-   end hold expert E and exit at once.
+1. `align_block_size` (torch ops, no host synchronisation, compiled with the layer): pair ids sorted by expert
+   into a buffer of num_pairs + E * (BLOCK_M - 1) rows, a host-known bound on the padded length, so every grid
+   is sized from shapes alone and a step can be captured in a CUDA graph; padding rows hold num_pairs, tiles
+   past the real end hold expert E and exit at once.
 2. `_gate_up_kernel`: x[token of each row] @ gate_up[e]^T with SiLU(gate) * up fused in the epilogue, gate and
    up columns of the same output tile in one program -> intermediate [padded rows, I].
 3. `_down_kernel`: intermediate @ down[e]^T times the routing weight, each row stored to its own (token, slot)
-   row; the k-way sum is a torch sum in slot order. No atomics: the result is bit-identical from run to run.
+   row; the k-way sum is a fixed-order torch sum (compiled with the layer). No atomics: the result is
+   bit-identical from run to run.
+
+Only the two kernel launches are opaque to torch.compile; the align step and the sum are ordinary torch code,
+so Inductor fuses them with the routing around them instead of launching a dozen small kernels eagerly.
 
 Imported only when moe_backend is "triton" (EngineConfig refuses that backend where Triton cannot run).
 Under TRITON_INTERPRET=1, set before this module is imported, the kernels run on CPU in Triton's interpreter.
@@ -24,7 +28,14 @@ import triton
 import triton.language as tl
 
 from twinbatch.compilation import opaque
-from twinbatch.distributed.all2all.base import count_ids
+from twinbatch.distributed.all2all.base import sum_rows
+from twinbatch.layers.moe import sort_by_expert
+
+# Rows per tile of the align step, for every batch size: block_m may not depend on the batch inside compiled
+# code (a threshold on it would be a guard, and crossing it while serving a recompilation). 64 is the measured
+# best where it matters most (below); at a few rows per expert the padding costs tensor-core work the weight
+# reads hide, and tiles past the real end exit at once.
+ALIGN_M = 64
 
 
 @dataclass(frozen=True)
@@ -37,15 +48,12 @@ class Tiles:
 
 
 def tiles_for(pairs_per_expert: float, dtype: torch.dtype) -> Tiles:
-    """Provisional, not yet measured on a GPU. pairs_per_expert counts other ranks' pairs too (under expert
-    parallelism about half of them or more), so it overestimates an expert's rows. Decode (up to 128): BLOCK_M
-    16 or 32, so an expert's weights are read by one or two row tiles; wide K tiles and 4 stages keep several
-    weight loads in flight. Prefill: 64 x 128 tiles. Shared memory per stage is x [M, K] plus gate and up [K, N]
-    tiles: 36-40 KB in bf16, at most 144 KB in all; float32 halves BLOCK_K to stay within that."""
-    if pairs_per_expert <= 128:
-        tiles = Tiles(16 if pairs_per_expert <= 16 else 32, 64, 128, 4, 4)
-    else:
-        tiles = Tiles(64, 128, 64, 8, 3)
+    """pairs_per_expert counts other ranks' pairs too (under expert parallelism about half of them or more).
+    Decode (up to 128): 64 x 64 x 64 tiles, 4 warps, 3 stages, the best of 48 shapes on H200 for DP=2 decode's
+    1508 local pairs over 32 experts (about 47 rows each): 166 us for both GEMMs (3.3 TB/s of weights) against
+    236 us for torch._grouped_mm; a 32-row tile reads an expert's weights twice there. Prefill: 64 x 128 tiles,
+    8 warps. Shared memory per stage: x [M, K] plus gate and up [K, N] tiles; float32 halves BLOCK_K."""
+    tiles = Tiles(ALIGN_M, 64, 64, 4, 3) if pairs_per_expert <= 128 else Tiles(ALIGN_M, 128, 64, 8, 3)
     if dtype == torch.float32:
         tiles = Tiles(tiles.block_m, tiles.block_n, tiles.block_k // 2, tiles.num_warps, tiles.num_stages)
     return tiles
@@ -58,20 +66,20 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     flat = topk_ids.flatten()
     num_pairs, device = flat.shape[0], flat.device
     flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = count_ids(flat, num_experts)
+    order, ends = sort_by_expert(flat, num_experts)  # skipped pairs sort last
+    ends = ends.long()
+    counts = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     padded_end = padded.cumsum(0)
-    order = flat.argsort(stable=True)  # skipped pairs sort last
     expert = flat[order]
     local = expert.clamp(max=num_experts - 1)
-    rank_in_expert = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[local]
-    start = padded_end - padded
-    capacity = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m  # a bound known on the host
-    dest = torch.where(expert < num_experts, start[local] + rank_in_expert, capacity)  # skipped: a spare row
-    rows = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)
+    rank_in_expert = torch.arange(num_pairs, device=device) - (ends - counts)[local]
+    capacity = (num_pairs + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m  # known on the host
+    dest = torch.where(expert < num_experts, (padded_end - padded)[local] + rank_in_expert, capacity)
+    rows = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)  # skipped: the spare row
     rows[dest] = order.to(torch.int32)
     tile_start = torch.arange(0, capacity, block_m, device=device)
-    tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
+    tile_expert = (padded_end[None, :] <= tile_start[:, None]).sum(1).to(torch.int32)
     return rows[:capacity], tile_expert
 
 
@@ -145,7 +153,6 @@ def _down_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@opaque
 def fused_experts(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -157,13 +164,31 @@ def fused_experts(
     """x [num_tokens, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_weights [num_tokens, k] float32;
     topk_ids [num_tokens, k], ids outside [0, E) skipped. Returns the routing-weighted sum over each token's
     experts, [num_tokens, H]. No host synchronisation."""
-    (num_tokens, hidden), (num_experts, inter2, _), k = x.shape, gate_up_proj.shape, topk_ids.shape[1]
-    inter = inter2 // 2
-    assert x.stride(-1) == gate_up_proj.stride(-1) == down_proj.stride(-1) == 1 and x.dtype == gate_up_proj.dtype
-    num_pairs = num_tokens * k
-    tiles = tiles or tiles_for(num_pairs / num_experts, x.dtype)
-    rows, tile_expert = align_block_size(topk_ids, num_experts, tiles.block_m)
+    (num_tokens, hidden), num_experts, k = x.shape, gate_up_proj.shape[0], topk_ids.shape[1]
+    rows, tile_expert = align_block_size(topk_ids, num_experts, tiles.block_m if tiles else ALIGN_M)
     weights = topk_weights.float().contiguous()
+    pairs = _launch(x, gate_up_proj, down_proj, weights, rows, tile_expert, k, tiles)
+    keep = ((topk_ids >= 0) & (topk_ids < num_experts))[..., None]  # skipped pairs' rows were never written
+    return sum_rows(torch.where(keep, pairs.view(num_tokens, k, hidden), 0.0))  # fixed order: deterministic
+
+
+@opaque
+def _launch(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    tile_expert: torch.Tensor,
+    k: int,
+    tiles: Tiles | None,
+) -> torch.Tensor:
+    """The two kernels -> pairs [num_tokens * k, H]: each local pair's weighted expert output in its own row."""
+    (num_tokens, hidden), (num_experts, inter2, _) = x.shape, gate_up_proj.shape
+    inter, num_pairs = inter2 // 2, num_tokens * k
+    assert x.stride(-1) == gate_up_proj.stride(-1) == down_proj.stride(-1) == 1 and x.dtype == gate_up_proj.dtype
+    tiles = tiles or tiles_for(num_pairs / num_experts, x.dtype)
+    assert rows.shape[0] == tile_expert.shape[0] * tiles.block_m, "the align step's block_m is not the tiles'"
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # bf16 operands: exact products either way
     meta = {"num_experts": num_experts, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
             "BLOCK_K": tiles.block_k, "PRECISION": precision, "num_warps": tiles.num_warps,
@@ -173,9 +198,9 @@ def fused_experts(
         x, gate_up_proj, rows, tile_expert, act, num_pairs, k, hidden, inter,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), **meta,
     )  # fmt: skip
-    pairs = x.new_zeros(num_pairs, hidden)  # skipped pairs stay 0
+    pairs = x.new_empty(num_pairs, hidden)
     _down_kernel[(tile_expert.shape[0], triton.cdiv(hidden, tiles.block_n))](
         act, down_proj, rows, tile_expert, weights, pairs, num_pairs, hidden, inter,
         act.stride(0), down_proj.stride(0), down_proj.stride(1), pairs.stride(0), **meta,
     )  # fmt: skip
-    return pairs.view(num_tokens, k, hidden).sum(dim=1)  # a fixed-order k-way sum: deterministic
+    return pairs
