@@ -65,8 +65,11 @@ def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -
     """Collectives, waits and the microbatch yields stay outside the compiled graphs, so the microbatch threads
     still take turns at every all-to-all. Compiling on CPU needs bfloat16 (the grouped GEMM's meta function takes
     no float32), and a DP engine's batches depend on when each rank sees the requests: a bfloat16 greedy choice
-    between two near-equal tokens may then go either way, in either build (seen once on a loaded machine). So
-    the outputs must be equal up to the first difference, and there the two best tokens must be a near-tie."""
+    between two near-equal tokens may then go either way, in either build. So the outputs must be equal up to
+    the first difference, with their logprobs close, and there the two best tokens must be a near-tie. Near:
+    0.15, a few bfloat16 steps of a logit (1/32 to 1/16 at magnitudes 4 to 8) after several decode steps on
+    batches of another make-up; at 0.05 the test failed 2 runs of 12 on an idle 2-core machine, with gaps of
+    0.09. A broken turn-taking of the microbatches gives other tokens without any tie."""
     kwargs = {"data_parallel_size": 2, "enable_expert_parallel": True, "all2all_backend": "all2all", "enable_dbo": True,
               "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2, **FAST}  # fmt: skip
     params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)] * 8
@@ -78,11 +81,15 @@ def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -
             assert all(s["dbo"].get("microbatched", 0) > 0 for s in llm.get_stats()["ranks"].values())  # DBO ran
         finally:
             llm.shutdown()
+    near = 0.15
     for eager, compiled in zip(*results, strict=True):
-        if eager.token_ids != compiled.token_ids:
-            i = next(i for i, (a, b) in enumerate(zip(eager.token_ids, compiled.token_ids, strict=True)) if a != b)
+        pairs = list(zip(eager.token_ids, compiled.token_ids, strict=True))
+        i = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+        for j, token in enumerate(eager.token_ids[:i]):
+            assert abs(eager.logprobs[j][token].logprob - compiled.logprobs[j][token].logprob) < near, j
+        if i < len(pairs):
             top = sorted((lp.logprob for lp in eager.logprobs[i].values()), reverse=True)
-            assert top[0] - top[1] < 0.05, f"token {i} differs without a near-tie: {eager.logprobs[i]}"
+            assert top[0] - top[1] < near, f"token {i} differs without a near-tie: {eager.logprobs[i]}"
 
 
 @pytest.mark.usefixtures("eager_backend")

@@ -19,6 +19,7 @@ from twinbatch.distributed.parallel_state import destroy_distributed, init_distr
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
 from twinbatch.engine.llm_engine import LLMEngine
+from twinbatch.engine.request import Request
 from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import AttentionMetadata
 from twinbatch.sampling_params import SamplingParams
@@ -27,7 +28,7 @@ from twinbatch.worker.dp_sync import StepSync
 from twinbatch.worker.graph_runner import _power_of_two_buckets, _prefill_buckets
 from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunnerOutput
-from twinbatch.worker.scheduler import SchedulerOutput
+from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 
 
 def packed(meta: AttentionMetadata, empty_rows: int, spare: int) -> AttentionMetadata:
@@ -145,6 +146,25 @@ def test_an_idle_rank_dummy_step_in_the_packed_layout(dsv2_dir: Path) -> None:
         hidden = runner.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, 16))
     assert hidden.shape == (16, runner.model.config.hidden_size) and hidden.isfinite().all()
     assert runner.request_rows(0) == 1 and runner.request_rows(2) == 4 and runner.request_rows(17) == 64
+
+
+def test_block_tables_copy_only_the_columns_in_use(dsv2_dir: Path) -> None:
+    """A step copies the block-table columns its requests use (not max_model_len / block_size a row), zeroing
+    what an earlier, longer step left: the rows read the same as a full table built from scratch each step."""
+    engine = LLMEngine(EngineArgs(model=str(dsv2_dir), max_model_len=128, block_size=4).create_engine_config())
+    runner = engine.model_runner
+
+    def decodes(*blocks: list[int]) -> SchedulerOutput:
+        reqs = [Request(f"r{i}", None, [1] * (4 * len(b)), SamplingParams(), num_computed_tokens=4 * len(b) - 1,
+                        block_ids=b) for i, b in enumerate(blocks)]  # fmt: skip
+        return SchedulerOutput([ScheduledRequest(r, 1) for r in reqs])
+
+    for blocks in ([[5, 6, 7, 8, 9], [3]], [[2], [1, 4]], [[7], [3], [9, 10, 11]], [[1]], [[1], [2], [3]]):
+        table = runner.prepare_inputs(decodes(*blocks)).attn.block_tables
+        want = torch.zeros(len(blocks), runner.max_blocks_per_req, dtype=torch.int32)
+        for row, b in zip(want, blocks, strict=True):
+            row[: len(b)] = torch.tensor(b)
+        assert torch.equal(table.cpu(), want), blocks  # the last step's rows 1 and 2 held [3], [9, 10, 11] before
 
 
 def test_prefill_buckets() -> None:

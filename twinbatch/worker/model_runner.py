@@ -80,6 +80,9 @@ class ModelRunner:
         self.buffers = InputBuffers(
             sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
         )
+        # how many leading columns of each block-table row may be non-zero: a step copies only the columns in use
+        # (and zeros over older ones) instead of max_model_len / block_size columns a row, 10240 for V2-Lite
+        self.table_widths = np.zeros(sched.max_num_seqs, dtype=np.int64)
         if self.model.model.compiled_layer is not None:
             self._compile_alone()
 
@@ -160,7 +163,11 @@ class ModelRunner:
         rows = len(batch.scheduled) + (-(-pad // pad_requests) if pad_requests else 0)
         rows = max(rows, self.request_rows(len(batch.scheduled)) if packed else 0)
         bs = self.block_size
-        table = np.zeros((rows, self.max_blocks_per_req), dtype=np.int32)  # numpy: cheap row writes from lists
+        widths = [len(s.request.block_ids) for s in batch.scheduled]
+        width = max(max(widths, default=0), int(self.table_widths[:rows].max(initial=0)))
+        table = np.zeros((rows, width), dtype=np.int32)  # numpy: cheap row writes from lists
+        self.table_widths[:rows] = 0
+        self.table_widths[: len(widths)] = widths
         for i, s in enumerate(batch.scheduled):
             req, lo = s.request, s.request.num_computed_tokens
             hi = lo + s.num_new_tokens
@@ -206,10 +213,16 @@ class ModelRunner:
             view.copy_(src, non_blocking=True)
             return view
 
+        def put_columns(dst: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            """values [rows, w] into dst's first w columns: returns all columns of those rows (the rest are 0)."""
+            if values.numel():
+                dst[: values.shape[0], : values.shape[1]].copy_(values, non_blocking=True)
+            return dst[: values.shape[0]]
+
         attn = AttentionMetadata(
             query_start_loc=put(b.query_start_loc, starts),
             seq_lens=put(b.seq_lens, seq_lens),
-            block_tables=put(b.block_tables, table),
+            block_tables=put_columns(b.block_tables, table),
             slot_mapping=put(b.slot_mapping, slots),
             block_size=self.block_size,
             decode_only=r > 0 and starts[-1] == r,
