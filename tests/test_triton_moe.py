@@ -153,6 +153,34 @@ def test_whole_model_matches_reference_backend(interpreter: Interpreter, dsv2_di
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 
 
+def _compiled_serving(model_dir: Path) -> tuple[list, list, int, int]:
+    """Runs in the worker: greedy tokens on the Triton experts uncompiled and compiled (Dynamo's eager backend,
+    as tests/test_compilation.py uses on CPU), and the compiled graphs counted after the build and after
+    serving."""
+    from test_data_parallel import MAX_TOKENS, PROMPTS, greedy
+    from torch._dynamo.utils import counters
+
+    from twinbatch import LLM, compilation
+
+    compilation.BACKEND = "eager"
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = {"moe_backend": "triton", "attention_backend": "batched", "max_model_len": 128}
+    expected = greedy(LLM(str(model_dir), compilation_config="0", **kwargs), PROMPTS, MAX_TOKENS)
+    llm = LLM(str(model_dir), compilation_config="3", **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    return expected, greedy(llm, PROMPTS, MAX_TOKENS), graphs, counters["stats"]["unique_graphs"]
+
+
+def test_compiled_layers_on_triton_experts(interpreter: Interpreter, dsv2_dir: Path) -> None:
+    """float32: the align step and the k-way sum compiled with the layer (the expert sort then a rank sort)
+    give the uncompiled tokens, and serving batches of 5 down to 1 request compile nothing more than the build
+    did (the align step's shapes are symbolic; its tile height is not a function of the batch)."""
+    expected, tokens, built, served = interpreter(_compiled_serving, dsv2_dir)
+    assert built > 0 and served == built, (built, served)
+    assert tokens == expected
+
+
 def test_triton_moe_refused_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     from twinbatch import LLM
 
