@@ -207,10 +207,9 @@ class ModelRunner:
     ) -> StepInputs:
         b, n, r = self.buffers, len(ids), len(seq_lens)
 
-        def put(dst: torch.Tensor, values: list[int] | torch.Tensor) -> torch.Tensor:
-            src = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dst.dtype)
-            view = dst[: src.shape[0]]
-            view.copy_(src, non_blocking=True)
+        def put(dst: torch.Tensor, values: list[int]) -> torch.Tensor:
+            view = dst[: len(values)]
+            view.copy_(torch.tensor(values, dtype=dst.dtype), non_blocking=True)
             return view
 
         def put_columns(dst: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
