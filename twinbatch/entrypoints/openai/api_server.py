@@ -175,5 +175,7 @@ def run_server(args: argparse.Namespace) -> None:
     sock = socket.create_server((args.host, args.port))  # before loading the model: a taken port fails at once
     engine = AsyncLLM(config, args.max_waiting_requests)
     app = build_app(engine, args.served_model_name or [engine_args.model or BUILTIN_MODEL])
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5))
+    http = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
+                          timeout_keep_alive=args.timeout_keep_alive)  # fmt: skip
+    server = uvicorn.Server(http)
     server.run(sockets=[sock])

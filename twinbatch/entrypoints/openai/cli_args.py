@@ -9,6 +9,9 @@ import argparse
 from twinbatch.engine.arg_utils import EngineArgs
 
 DEFAULT_MAX_WAITING_REQUESTS = 1024
+# Well above the idle expiry of common clients (httpx 5 s, aiohttp 15 s): the client, not the server, drops an
+# idle connection, so a request sent on a connection the server is closing at that moment is never lost.
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 60
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
         help="unfinished requests held beyond max_num_seqs x data_parallel_size; more are refused with HTTP 503 "
         f"(default: {DEFAULT_MAX_WAITING_REQUESTS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout-keep-alive", type=int, default=DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+        help=f"seconds an idle HTTP keep-alive connection stays open (default: {DEFAULT_TIMEOUT_KEEP_ALIVE_S})",
     )  # fmt: skip
     parser.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
     EngineArgs.add_cli_args(parser)
