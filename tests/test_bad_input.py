@@ -137,9 +137,14 @@ def test_bad_engine_option(kwargs: dict[str, Any], error: type[Exception], match
     ("prompts", "match"),
     [
         pytest.param(
-            [list(range(2, 2 + MAX_LEN))], f"has {MAX_LEN} tokens but max_model_len is {MAX_LEN}", id="ids-too-long"
+            [list(range(2, 2 + MAX_LEN))],
+            f"context length is {MAX_LEN} tokens. However, your request has {MAX_LEN} input tokens, which leaves no",
+            id="ids-too-long",
         ),
-        pytest.param("hello " * 300, "tokens but max_model_len is 256", id="text-too-long"),
+        pytest.param(
+            "hello " * 300, "context length is 256 tokens. However, your request has 301 input", id="text-long"
+        ),
+        pytest.param("x" * 40_000, "your request has at least 313 input tokens", id="text-far-too-long"),
         pytest.param("", "the prompt is empty", id="empty-text"),
         pytest.param([[]], "the prompt is empty", id="empty-ids"),
         pytest.param({"prompt_token_ids": []}, "the prompt is empty", id="empty-dict"),
@@ -224,7 +229,6 @@ def test_text_prompt_without_tokenizer(ids_only_llm: LLM) -> None:
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--dtype", "int8"], "dtype='int8' is not supported"),
         (["--max-num-seqs", "0"], "max_num_seqs must be >= 1"),
         (["--model", "no/such-model"], "neither a local checkpoint directory"),
         (["--top-p", "1.5", "--max-model-len", "64"], r"top_p must be in \(0, 1\]"),
@@ -241,6 +245,17 @@ def test_cli_checkpoint_without_config(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--prompt", "Hi", "--model", str(tmp_path)])
     assert str(exc.value.code).startswith("error: ") and "config.json" in str(exc.value.code)
+
+
+def test_cli_value_outside_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag with a closed set of values is checked while parsing: the usage error lists the choices."""
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "Hi", "--dtype", "int8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: twinbatch generate ")
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "argument --dtype: invalid choice: 'int8' (choose from " in line
+    assert all(name in line for name in ("auto", "float32", "bfloat16", "float16"))
 
 
 def test_cli_unparsable_value(capsys: pytest.CaptureFixture[str]) -> None:

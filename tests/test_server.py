@@ -218,15 +218,26 @@ def test_metrics_count_tokens_and_latencies(url: str) -> None:
     before = metrics(url)
     post(url, "/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 5, "ignore_eos": True})
     after = metrics(url)
+    engine = (("engine", "0"),)
 
-    def grew(name: str, labels: tuple = ()) -> float:
+    def grew(name: str, labels: tuple = engine) -> float:
         return after[(name, labels)] - before.get((name, labels), 0.0)
 
-    engine = (("engine", "0"),)
-    assert grew("vllm:prompt_tokens_total", engine) == 4 and grew("vllm:generation_tokens_total", engine) == 5
+    assert all(("engine", "0") in labels for _, labels in after), "every series carries the engine label"
+    assert grew("vllm:prompt_tokens_total") == 4 and grew("vllm:generation_tokens_total") == 5
     assert grew("vllm:time_to_first_token_seconds_count") == 1 and grew("vllm:e2e_request_latency_seconds_count") == 1
-    assert grew("vllm:inter_token_latency_seconds_count") == 4
-    assert grew("vllm:request_success_total", (("finished_reason", "length"),)) == 1
+    assert grew("vllm:inter_token_latency_seconds_count") == 4 and grew("vllm:time_per_output_token_seconds_count") == 4
+    assert grew("vllm:request_success_total", (*engine, ("finished_reason", "length"))) == 1
+    assert grew("vllm:request_prompt_tokens_sum") == 4 and grew("vllm:request_generation_tokens_sum") == 5
+    assert grew("vllm:request_params_max_tokens_sum") == 5 and grew("vllm:request_params_n_sum") == 1
+    phases = {p: grew(f"vllm:request_{p}_seconds_sum") for p in ("queue_time", "prefill_time", "decode_time")}
+    assert all(grew(f"vllm:request_{p}_seconds_count") == 1 for p in phases) and all(v >= 0 for v in phases.values())
+    inference = grew("vllm:request_inference_time_seconds_sum")
+    assert inference == pytest.approx(phases["prefill_time"] + phases["decode_time"], abs=1e-6)
+    assert 0 < inference <= grew("vllm:e2e_request_latency_seconds_sum")
+    assert grew("vllm:num_preemptions_total") == 0
+    info = next(labels for name, labels in after if name == "vllm:cache_config_info")
+    assert ("block_size", "16") in info and ("cache_dtype", "float32") in info
     assert after[("vllm:num_requests_running", engine)] == 0 and after[("vllm:kv_cache_usage_perc", engine)] == 0
 
 
@@ -244,7 +255,8 @@ def wait_idle(url: str, timeout: float = 10.0) -> dict:
 @pytest.mark.parametrize("streamed", [True, False])
 def test_disconnect_aborts_and_frees_kv(url: str, streamed: bool) -> None:
     generated = (("vllm:generation_tokens_total", (("engine", "0"),)),)[0]
-    before = metrics(url)[generated]
+    before_all = metrics(url)
+    before = before_all[generated]
     body = {"prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True, "stream": streamed}
     if streamed:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -257,6 +269,8 @@ def test_disconnect_aborts_and_frees_kv(url: str, streamed: bool) -> None:
             httpx.post(url + "/v1/completions", json=body, timeout=0.5)
     after = wait_idle(url)
     assert after[generated] - before < 240  # stopped early
+    abort = ("vllm:request_success_total", (("engine", "0"), ("finished_reason", "abort")))
+    assert after[abort] - before_all.get(abort, 0) == 1
 
 
 def test_64_concurrent_streams(url: str) -> None:

@@ -1,6 +1,6 @@
 """`twinbatch serve` with two DP ranks (expert parallel, gloo, DBO on) on the tiny Hugging Face DeepSeek-V2
 checkpoint: requests reach both ranks and give the one-process tokens, echoed prompt logprobs equal Hugging Face's,
-a full queue answers 503, and a rank that dies fails pending requests with 500 and turns /health to 503.
+a full queue answers 503, and a rank that dies fails pending requests with 500 and stops the server.
 
 The checkpoint has no tokenizer: prompts are token ids, and logprob token strings read "token_id:N".
 """
@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from hf_oracle import hf_logits
-from openai_server import launch_server
-from test_server import metrics, post, stream
+from openai_server import gauges, launch_server, server_process
+from test_server import metrics, post
 
 from twinbatch import LLM, SamplingParams
 
@@ -29,13 +29,14 @@ MAX_TOKENS = 6
 MAX_NUM_SEQS, MAX_WAITING = 2, 1  # per rank, x2 ranks: at most 5 unfinished requests
 
 
+FLAGS = ["--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel", "--all2all-backend",
+         "all2all", "--enable-dbo", "--dbo-decode-token-threshold", "2", "--dbo-prefill-token-threshold", "2",
+         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests", str(MAX_WAITING)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def url(dsv2_dir: Path) -> Iterator[str]:
-    flags = [str(dsv2_dir), "--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel",
-             "--all2all-backend", "all2all", "--enable-dbo", "--dbo-decode-token-threshold", "2",
-             "--dbo-prefill-token-threshold", "2", "--max-num-seqs", str(MAX_NUM_SEQS),
-             "--max-waiting-requests", str(MAX_WAITING)]  # fmt: skip
-    with launch_server(*flags) as url:
+    with launch_server(str(dsv2_dir), *FLAGS) as url:
         yield url
 
 
@@ -109,35 +110,25 @@ def test_full_queue_answers_503(url: str) -> None:
     assert post(url, "/v1/completions", {"prompt": [5], "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
-def worker_pids(url: str) -> list[int]:
-    """The DP rank processes of the server listening on url's port (spawned children of the server)."""
-    port = url.rsplit(":", 1)[1]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"serve" in args and port.encode() in args:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    raise AssertionError(f"no server process on port {port}")
-
-
-def test_dead_rank_fails_pending_requests(url: str) -> None:
-    """Runs last: it kills the module's server's engine."""
-    pids = worker_pids(url)
-    assert len(pids) == 2
-    body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
-    pending: list[httpx.Response] = []
-    waiter = threading.Thread(target=lambda: pending.append(httpx.post(url + "/v1/completions", json=body, timeout=60)))
-    waiter.start()
-    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
-        lines = (line for line in r.iter_lines() if line)
-        next(lines)  # generating
-        os.kill(pids[1], signal.SIGKILL)
-        events = list(lines)
-    waiter.join(60)
-    assert events[-1] == "data: [DONE]" and '"code":500' in events[-2] and "DP rank 1" in events[-2]
-    assert pending[0].status_code == 500 and "DP rank 1" in pending[0].json()["error"]["message"]
-    assert httpx.get(url + "/health").status_code == 503
-    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
-    with pytest.raises(AssertionError):
-        stream(url, "/v1/completions", body)  # refused before streaming: a 500, not an event stream
+def test_dead_rank_fails_pending_requests_and_stops_the_server(dsv2_dir: Path) -> None:
+    """A killed rank: pending requests fail with 500 naming it, the gauges read zero, the server exits non-zero."""
+    with server_process(str(dsv2_dir), *FLAGS) as server:
+        url, pids = server.url, server.worker_pids()
+        assert len(pids) == 2
+        body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
+        pending: list[httpx.Response] = []
+        waiter = threading.Thread(
+            target=lambda: pending.append(httpx.post(url + "/v1/completions", json=body, timeout=60))
+        )
+        waiter.start()
+        with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            next(lines)  # generating
+            os.kill(pids[1], signal.SIGKILL)
+            events = list(lines)
+        dead = gauges(url)  # in the server's grace before it exits
+        waiter.join(60)
+        assert events[-1] == "data: [DONE]" and '"code":500' in events[-2] and "DP rank 1" in events[-2]
+        assert pending[0].status_code == 500 and "DP rank 1" in pending[0].json()["error"]["message"]
+        assert dead and all(v == 0 for v in dead.values()), dead
+        assert server.wait_exit(20) != 0

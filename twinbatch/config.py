@@ -11,7 +11,7 @@ import torch
 from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.models.hf_config import ModelConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
@@ -20,9 +20,9 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     name = DTYPE_ALIASES.get(name, name)
     if name == "auto":
         name = checkpoint_dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; choose one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -21,12 +22,31 @@ class CompletionOutput:
     index: int
     text: str  # while running: the text that is final so far (a possible stop string's start is held back)
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
     logprobs: SampleLogprobs | None = None  # with SamplingParams.logprobs
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """Why one request failed on its own (the engine serves the others on)."""
+
+    message: str  # one line, no traceback: it reaches the client
+    bad_input: bool  # the request itself was invalid (HTTP 400); else the engine failed on it (HTTP 500)
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """A finished request's phases in seconds, on the clock of the engine that ran it (vLLM's definitions)."""
+
+    queue_time: float  # added -> first scheduled
+    prefill_time: float  # first scheduled -> first token
+    decode_time: float  # first token -> last token
+    inference_time: float  # first scheduled -> last token
+    num_preemptions: int
 
 
 @dataclass
@@ -37,3 +57,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs, once the prompt is scored
+    error: RequestError | None = None  # set on the last output of a request that failed alone
+    metrics: RequestMetrics | None = None  # on the last output of a request that ran
+    engine_index: int = 0  # the DP rank that runs the request
+
+    @staticmethod
+    def failed(request_id: str, error: RequestError) -> RequestOutput:
+        return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], True, error=error)
+
+
+_PATH = re.compile(r"(?:/[\w.~+-]+){2,}(?::\d+)?")
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line for a client: its type and the first line of its message, file paths (which
+    C++ errors put in their message) elided. The traceback belongs in the log."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = _PATH.sub("<path>", first)[:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

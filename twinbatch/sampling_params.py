@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed's range, as vLLM's
+
 
 @dataclass
 class SamplingParams:
@@ -35,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
+        if self.seed is not None and not (isinstance(self.seed, int) and INT64_MIN <= self.seed <= INT64_MAX):
+            raise ValueError(f"seed must be an integer within signed 64 bits [-2**63, 2**63 - 1], got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop_strings):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from twinbatch.bench.profile import profile_step
 from twinbatch.config import EngineConfig
@@ -26,6 +27,7 @@ from twinbatch.distributed.parallel_state import destroy_distributed, init_distr
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
 from twinbatch.engine.request import Request
+from twinbatch.models.presets import BUILTIN_MODEL
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.worker.block_manager import BlockManager
 from twinbatch.worker.graph_runner import graph_step
@@ -35,18 +37,24 @@ from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.worker.worker_main import worker_device
 
 Times = dict[str, list[tuple[float, float]]]  # mode -> (step, host) seconds of each measured step
+# Overlap efficiency is reported only where communication is at least this share of the DBO-off step (and the
+# time DBO could save exceeds the steps' spread, see overlap_efficiency): below it, the few milliseconds there are
+# to hide are within a step's run-to-run noise, and the ratio swings from near 100% to negative between runs.
+MIN_COMM_SHARE = 0.1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("step", help="time model steps with DBO off and on (dummy weights, synthetic batch)")
-    p.add_argument("--tokens-per-rank", type=int, default=256)
-    p.add_argument("--phase", choices=["decode", "prefill"], default="decode")
-    p.add_argument("--context-len", type=int, default=1024, help="cached tokens per decode request")
-    p.add_argument("--num-steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tokens-per-rank", type=int, default=256, help="tokens of each rank's batch (default: 256)")
+    p.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                   help="decode: that many one-token requests; prefill: one request of that many tokens")  # fmt: skip
+    p.add_argument("--context-len", type=int, default=1024, help="cached tokens per decode request (default: 1024)")
+    p.add_argument("--num-steps", type=int, default=20, help="timed steps per mode (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--sweep", default=None, help="comma-separated tokens per rank; writes --sweep-png")
-    p.add_argument("--sweep-png", default="dbo_sweep.png")
+    p.add_argument("--sweep-png", default="dbo_sweep.png", help="the --sweep chart (default: dbo_sweep.png)")
     p.add_argument("--hbm-bandwidth-gbs", type=float, default=None, help="for the roofline (default: by GPU model)")
     p.add_argument("--profile", default=None, help="directory for Perfetto traces and kernel tables of one step "
                    "with DBO off and one with DBO on")  # fmt: skip
@@ -119,11 +127,12 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
     for tokens in points:
         opts = {**opts, "tokens_per_rank": tokens}
         batch = synthetic_batch(config, tokens, opts["phase"], opts["context_len"])
-        times = (
-            _measure_modes(runner, batch, state.cpu_group, opts)
-            if parallel.enable_dbo
-            else {"single": _time(_step(runner, batch, opts, ubatch=False), runner, None, opts)}
-        )
+        with _progress(rank, runner, batch, opts) as bar:
+            times = (
+                _measure_modes(runner, batch, state.cpu_group, opts, bar)
+                if parallel.enable_dbo
+                else {"single": _time(_step(runner, batch, opts, ubatch=False), runner, None, opts, bar)}
+            )
         if rank == 0:
             results.put(_report(times, opts, config, runner, batch))
         if runner.graphs is not None:
@@ -135,7 +144,15 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
     destroy_distributed()
 
 
-def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict) -> Times:
+def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> tqdm:
+    """Rank 0's bar, on stderr, over every step that _measure_modes (or the single mode) times, warm-up included."""
+    modes = 1 if not runner.config.parallel.enable_dbo else 7 if _graph_step(runner, batch, opts) else 5
+    total = modes * (opts["warmup"] + opts["num_steps"])
+    desc = f"{opts['tokens_per_rank']} tokens per rank"
+    return tqdm(total=total, desc=desc, unit="step", disable=rank != 0 or opts["disable_tqdm"])
+
+
+def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict, bar: tqdm) -> Times:
     """DBO off and on, as CUDA graphs where the step is a graph-eligible decode (and eagerly too); then the
     decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
     on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
@@ -143,21 +160,24 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
     def step(ubatch: bool, graph: bool = True) -> Callable[[], object]:
         return _step(runner, batch, opts, ubatch, graph)
 
+    def timed(fn: Callable[[], object]) -> list[tuple[float, float]]:
+        return _time(fn, runner, group, opts, bar)
+
     graphed = _graph_step(runner, batch, opts) is not None
-    times = {"dbo_off": _time(step(False), runner, group, opts), "dbo_on": _time(step(True), runner, group, opts)}
+    times = {"dbo_off": timed(step(False)), "dbo_on": timed(step(True))}
     if graphed:
-        times["dbo_off_eager"] = _time(step(False, graph=False), runner, group, opts)
-        times["dbo_on_eager"] = _time(step(True, graph=False), runner, group, opts)
+        times["dbo_off_eager"] = timed(step(False, graph=False))
+        times["dbo_on_eager"] = timed(step(True, graph=False))
         runner.graphs.clear()  # the compute-only steps are captured anew, without communication
     with COLLECTIVES.skipped():
-        times["compute_only"] = _time(step(False), runner, group, opts)
-        times["compute_only_dbo"] = _time(step(True), runner, group, opts)
+        times["compute_only"] = timed(step(False))
+        times["compute_only_dbo"] = timed(step(True))
     COLLECTIVES.recording = []
     if graphed:
         runner.graphs.clear()
     step(True, graph=False)()
     recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
-    times["comm_only"] = _time(lambda: Collectives.replay(recorded), runner, group, opts)
+    times["comm_only"] = timed(lambda: Collectives.replay(recorded))
     return times
 
 
@@ -197,7 +217,8 @@ def _hbm_bandwidth_gbs(device: torch.device, override: float | None) -> float | 
 HBM_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100": 3350.0, "H20": 4000.0, "A100": 2039.0}
 
 
-def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict) -> list[tuple[float, float]]:
+def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict, bar: tqdm
+          ) -> list[tuple[float, float]]:  # fmt: skip
     """(step, host) seconds of each measured step: host is until fn returns, before waiting for the GPU; a step
     whose host time equals its step time is bound by the host, not the GPU."""
     times = []
@@ -211,6 +232,7 @@ def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict)
             torch.cuda.synchronize()
         if i >= opts["warmup"]:
             times.append((time.perf_counter() - start, host))
+        bar.update()
     return times
 
 
@@ -231,12 +253,9 @@ def _report(
         ideal = max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])
         report["speedup"] = off / on
         report["ideal_ms"] = ideal
-        report["overlap_efficiency"] = (off - on) / (off - ideal) if off > ideal else float("nan")
-    report["setup"] = {k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")} | {
-        "dp": config.parallel.data_parallel_size, "backend": config.parallel.all2all_backend,
-        "ubatches": config.parallel.ubatch_size, "device": str(config.device), "dtype": str(config.dtype),
-        "dbo_comm_sms": runner.ubatched.comm_sms if runner.ubatched is not None else 0,
-    }  # fmt: skip
+        report["comm_share"] = report["comm_only"]["median_ms"] / off
+        report["overlap_efficiency"] = overlap_efficiency(report)[0]
+    report["setup"] = _setup(opts, config, runner)
     bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
     compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication
     if bandwidth and opts["phase"] == "decode" and compute:
@@ -245,8 +264,40 @@ def _report(
     return report
 
 
+def _setup(opts: dict, config: EngineConfig, runner: ModelRunner) -> dict[str, Any]:
+    """What was measured. The SMs left to DBO's collectives exist only on CUDA."""
+    parallel = config.parallel
+    setup = {"model": opts["model"] or BUILTIN_MODEL, "hf_overrides": opts["hf_overrides"],
+             "load_format": config.load_format, **{k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")},
+             "dp": parallel.data_parallel_size, "backend": parallel.all2all_backend, "ubatches": parallel.ubatch_size,
+             "device": str(config.device), "dtype": str(config.dtype)}  # fmt: skip
+    if config.device.type == "cuda":
+        setup["dbo_comm_sms"] = runner.ubatched.comm_sms if runner.ubatched is not None else 0
+    return setup
+
+
+def overlap_efficiency(report: dict[str, Any]) -> tuple[float | None, str]:
+    """(T_off - T_on) / (T_off - ideal) and its text, or None and why it is not measurable: communication under
+    MIN_COMM_SHARE of the DBO-off step, or a possible saving (T_off - ideal) within the spread (p90 - p10) of the
+    DBO-off or DBO-on steps, which no difference of their medians can resolve."""
+    off, on, ideal = report["dbo_off"], report["dbo_on"], report["ideal_ms"]
+    share = report["comm_only"]["median_ms"] / off["median_ms"]
+    if share < MIN_COMM_SHARE:
+        return None, f"n/a (communication is {share:.0%} of the step)"
+    saving, spread = off["median_ms"] - ideal, max(m["p90_ms"] - m["p10_ms"] for m in (off, on))
+    if saving <= 0:
+        return None, "n/a (microbatching adds more compute than there is communication to hide)"
+    if saving <= spread:
+        return None, f"n/a (DBO could save {saving:.2f} ms, within the steps' spread of {spread:.2f} ms)"
+    efficiency = (off["median_ms"] - on["median_ms"]) / saving
+    return efficiency, f"{efficiency:.0%}"
+
+
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"setup: {report['setup']}",
+    setup = report["setup"]
+    overrides = f" with overrides {setup['hf_overrides']}" if setup["hf_overrides"] else ""
+    lines = [f"model: {setup['model']}{overrides} ({setup['load_format']} weights)",
+             f"setup: {setup}",
              f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'host ms':>9} {'tok/s':>10}"]  # fmt: skip
     for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
                  "comm_only"):  # fmt: skip
@@ -256,7 +307,7 @@ def _table(report: dict[str, Any]) -> str:
             lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
     if "speedup" in report:
         lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
-                     f"{report['ideal_ms']:.2f} ms; overlap efficiency {report['overlap_efficiency']:.0%}")  # fmt: skip
+                     f"{report['ideal_ms']:.2f} ms; overlap efficiency {overlap_efficiency(report)[1]}")  # fmt: skip
     if "hbm_roofline_ms" in report:
         lines.append(f"HBM roofline {report['hbm_roofline_ms']:.2f} ms; compute only (DBO off) is "
                      f"{report['compute_only_vs_roofline']:.2f}x of it")  # fmt: skip

@@ -1,6 +1,7 @@
 """EngineArgs: the user-facing options (vLLM's names), turned into a validated EngineConfig.
 
-The CLI flags are generated from the fields, so an option exists once: `max_num_seqs` is `--max-num-seqs`.
+The CLI flags are generated from the fields, so an option exists once: `max_num_seqs` is `--max-num-seqs`, with
+its --help text and choices in the field's metadata.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ import torch
 
 from twinbatch.compilation import parse_level
 from twinbatch.config import (
+    ATTENTION_BACKENDS,
+    DTYPE_ALIASES,
+    DTYPES,
+    MOE_BACKENDS,
     CacheConfig,
     EngineConfig,
     ParallelConfig,
@@ -24,6 +29,7 @@ from twinbatch.config import (
     resolve_device,
     resolve_dtype,
 )
+from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.models.hf_config import ModelConfig
 from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 
@@ -39,37 +45,97 @@ def _default(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def _flag(default: Any, text: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its --help text and, where the set of values is closed, its choices: the one source of the
+    flag that add_cli_args generates."""
+    return field(default=default, metadata={"help": text, "choices": choices})
+
+
 @dataclass
 class EngineArgs:
-    model: str | None = None  # checkpoint directory or preset name; None: the built-in model
-    hf_overrides: str | dict | None = None  # JSON object merged into config.json, e.g. {"num_hidden_layers": 4}
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    num_gpu_blocks_override: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    load_format: str = "auto"  # auto, safetensors or dummy
-    seed: int = 0
-    device: str = "auto"
-    attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
-    moe_backend: str = "auto"  # auto: triton on GPU, reference on CPU
-    enforce_eager: bool = False  # turn off CUDA graphs for decode steps
-    compilation_config: str | None = None  # -O: torch.compile level, 0 = off (default: on where decode is a graph)
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    all2all_backend: str = "allgather_reducescatter"
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    enable_dbo: bool = False
-    ubatch_size: int = 2
-    dbo_decode_token_threshold: int = 32
-    dbo_prefill_token_threshold: int = 512
+    model: str | None = _flag(
+        None,
+        "checkpoint directory (config.json and *.safetensors) or built-in preset "
+        f"({', '.join(PRESETS)}); none: the built-in model, a small DeepSeek-V2-architecture model with random "
+        "weights",
+    )
+    hf_overrides: str | dict | None = _flag(  # noqa: RUF009 (a field, not a shared mutable default)
+        None, "JSON object merged into the model's config.json, e.g. '{\"num_hidden_layers\": 4}'"
+    )
+    tokenizer: str | None = _flag(
+        None, "tokenizer directory (default: the checkpoint's; for a preset, the bundled DeepSeek tokenizer)"
+    )
+    dtype: str = _flag(
+        "auto",
+        "weights and activations; auto: the checkpoint's dtype, else bfloat16 on GPU and float32 on CPU",
+        ("auto", *DTYPES, *DTYPE_ALIASES),
+    )
+    max_model_len: int | None = _flag(
+        None, "most tokens (prompt and output) of one request (default: the model's max_position_embeddings)"
+    )
+    max_num_seqs: int = _flag(256, "most requests running at once, per DP rank")
+    max_num_batched_tokens: int | None = _flag(
+        None, "most tokens in one step, per DP rank (default: 8192 on GPU, 2048 on CPU)"
+    )
+    block_size: int = _flag(16, "tokens per KV-cache block")
+    num_gpu_blocks_override: int | None = _flag(None, "KV-cache blocks per rank, instead of sizing the cache")
+    kv_cache_memory_bytes: int | None = _flag(
+        None,
+        "KV-cache bytes per rank (default: 2 GiB on CPU; on GPU what --gpu-memory-utilization leaves after the "
+        "weights and a 2 GiB activation reserve)",
+    )
+    gpu_memory_utilization: float = _flag(0.9, "fraction of each GPU's memory the engine may use")
+    load_format: str = _flag(
+        "auto",
+        "where the weights come from; auto: safetensors for a checkpoint, dummy for a preset; dummy: seeded "
+        "random weights of the model's shapes",
+        LOAD_FORMATS,
+    )
+    seed: int = _flag(0, "seed of the dummy weights and of sampling without a per-request seed")
+    device: str = _flag("auto", "auto (cuda if a GPU is visible, else cpu), cpu, cuda or cuda:N")
+    attention_backend: str = _flag(
+        "auto",
+        "attention kernels; auto: triton on GPU, reference on CPU; reference: a loop over requests (the tests' "
+        "oracle); batched: vectorised decode; triton: a fused paged-KV decode kernel (CUDA)",
+        ("auto", *ATTENTION_BACKENDS),
+    )
+    moe_backend: str = _flag(
+        "auto",
+        "routed-expert kernels; auto: triton on GPU, reference on CPU; reference: a loop over experts (the "
+        "tests' oracle); grouped_mm: torch._grouped_mm; triton: fused grouped-GEMM kernels (CUDA)",
+        ("auto", *MOE_BACKENDS),
+    )
+    enforce_eager: bool = _flag(False, "turn off CUDA graphs (every step launches its kernels one by one)")
+    compilation_config: str | None = _flag(
+        None,
+        "torch.compile of the decoder layers: a level 0-3 (-O0 turns it off) or JSON such as '{\"level\": 0}' "
+        "(default: 3 on GPU, 0 on CPU)",
+    )
+    data_parallel_size: int = _flag(1, "DP ranks, one process (and one GPU) each")
+    enable_expert_parallel: bool = _flag(False, "split the routed experts over the DP ranks")
+    all2all_backend: str = _flag(
+        "allgather_reducescatter",
+        "how expert-parallel ranks exchange tokens; allgather_reducescatter: every rank gathers every rank's tokens; "
+        "all2all: fixed-capacity buffers (CUDA-graph safe); all2allv: variable sizes (less traffic, one host sync)",
+        tuple(BACKENDS),
+    )
+    nnodes: int = _flag(1, "nodes the DP ranks span, each running --data-parallel-size / --nnodes of them")
+    node_rank: int = _flag(0, "this node's index; node 0 runs the front end")
+    master_addr: str = _flag("127.0.0.1", "address of node 0, where every rank meets")
+    master_port: int = _flag(29500, "port on --master-addr where every rank meets")
+    enable_dbo: bool = _flag(
+        False,
+        "dual-batch overlap: split steps that reach a threshold into microbatches, so one communicates while "
+        "another computes (needs --enable-expert-parallel and --data-parallel-size 2 or more)",
+    )
+    ubatch_size: int = _flag(2, "microbatches per DBO step")
+    dbo_decode_token_threshold: int = _flag(
+        32, "a rank's batch of only decodes votes to microbatch from this many tokens"
+    )
+    dbo_prefill_token_threshold: int = _flag(512, "any other batch votes to microbatch from this many tokens")
 
     def _parallel_config(self) -> ParallelConfig:
         """Under torchrun each of its processes is one node of data_parallel_size // WORLD_SIZE ranks; its
@@ -112,7 +178,7 @@ class EngineArgs:
         return None, ModelConfig.from_dict(PRESETS[name] | self._overrides()), "dummy", self.tokenizer
 
     def _validate(self) -> None:
-        if self.load_format not in ("auto", "safetensors", "dummy"):
+        if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}; choose auto, safetensors or dummy")
         for name in ("block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
                      "num_gpu_blocks_override", "kv_cache_memory_bytes"):  # fmt: skip
@@ -176,14 +242,17 @@ class EngineArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """A flag per field, with the field's help text and choices; a parser's set_defaults shows in the help."""
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
             flags = ("-O", flag) if f.name == "compilation_config" else (flag,)  # vLLM's -O0 .. -O3
+            text = f.metadata["help"]
             if f.type == "bool":
-                parser.add_argument(*flags, action="store_true")
+                parser.add_argument(*flags, action="store_true", help=text)
                 continue
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(*flags, type=typ, default=f.default, help=f"(default: {f.default})")
+            text += "" if f.default is None else " (default: %(default)s)"
+            parser.add_argument(*flags, type=typ, default=f.default, choices=f.metadata["choices"], help=text)
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> EngineArgs:

@@ -8,8 +8,14 @@
 
 The engine is an LLMEngine (one DP rank, in this process) or a DPEngineClient (DP ranks in worker processes);
 both offer add_request / abort_request / step / get_stats / has_unfinished_requests. Only the engine thread
-touches the engine; the per-request queues are touched only on the event loop. A failing step fails every
-pending request and marks the engine dead (no new request is accepted), never leaving a caller waiting.
+touches the engine; the per-request queues are touched only on the event loop. A request that fails alone
+(adding it raised, or processing its output did) ends with an output that carries its error. A failing step fails
+every pending request and marks the engine dead (no new request is accepted; its gauges read zero), never
+leaving a caller waiting.
+
+The HTTP side's tokenizer work (tokenizing, chat templates) runs on one thread of its own, `tokenizer_thread`:
+never on the event loop, whose streams a long prompt would stall, and never on two threads at once, which a
+Hugging Face tokenizer does not allow.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from twinbatch.config import EngineConfig
 from twinbatch.engine.dp_client import DPEngineClient
 from twinbatch.engine.input_processor import InputProcessor
 from twinbatch.engine.llm_engine import LLMEngine
-from twinbatch.outputs import RequestOutput
+from twinbatch.outputs import RequestError, RequestOutput, error_line
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 
@@ -34,6 +41,8 @@ IDLE_WAIT_S = 0.1  # an idle in-process engine waits this long for a request bef
 DP_POLL_S = 0.005  # how long a DP front-end step waits for outputs before looking at new requests again
 
 EngineRequest = tuple[str, dict[str, Any], SamplingParams]  # (request id, {"prompt", "prompt_token_ids"}, params)
+T = TypeVar("T")
+GAUGES = ("num_running", "num_waiting", "kv_cache_usage")  # of get_stats(): zero once the engine is dead
 
 
 class EngineDeadError(RuntimeError):
@@ -51,6 +60,7 @@ class AsyncLLM:
         self.engine: LLMEngine | DPEngineClient = DPEngineClient(config) if dp > 1 else LLMEngine(config)
         # The HTTP side tokenizes with its own tokenizer: a Hugging Face tokenizer must not be used by two threads.
         self.tokenizer = load_tokenizer(config.tokenizer_path)
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="twinbatch-tokenizer")
         self.process_input = InputProcessor(self.tokenizer, config.scheduler.max_model_len, config.model.vocab_size)
         # Requests beyond those that can run at once (max_num_seqs per DP rank) wait, up to max_waiting_requests.
         self.max_unfinished = config.scheduler.max_num_seqs * dp + max_waiting_requests
@@ -67,6 +77,10 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._queues)
 
+    async def on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn(*args) on the tokenizer thread: for everything that uses `self.tokenizer`."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, fn, *args)
+
     def start(self) -> None:
         """Starts the engine thread; call from the event loop that will consume the outputs."""
         self._loop = asyncio.get_running_loop()
@@ -80,6 +94,7 @@ class AsyncLLM:
             self._thread.join()
         if isinstance(self.engine, DPEngineClient):
             self.engine.shutdown()
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def check_admission(self, num_requests: int) -> None:
         """Raises EngineDeadError or QueueFullError if `num_requests` more requests cannot be taken now."""
@@ -131,8 +146,9 @@ class AsyncLLM:
                     self._call(self._deliver, outputs)
         except BaseException as e:
             logger.exception("the engine loop failed")
+            self.stats = {rank: stats | dict.fromkeys(GAUGES, 0) for rank, stats in self.stats.items()}
             self.error = e
-            self._call(self._fail_all, EngineDeadError(f"the engine has failed: {e}"))
+            self._call(self._fail_all, EngineDeadError(f"the engine has failed: {error_line(e)}"))
 
     def _take_requests(self) -> None:
         """Applies queued adds and aborts; an idle in-process engine blocks here until one comes."""
@@ -154,8 +170,10 @@ class AsyncLLM:
             for request_id, prompt, params in msg[1]:
                 try:
                     self.engine.add_request(prompt, params, request_id)
-                except ValueError as e:  # checked on the HTTP side already; this is a last line of defence
-                    self._call(self._deliver_error, request_id, e)
+                except Exception as e:  # checked on the HTTP side already; this is a last line of defence
+                    logger.exception("request %s could not be added", request_id)
+                    error = RequestError(error_line(e), bad_input=isinstance(e, ValueError))
+                    self._call(self._deliver, [RequestOutput.failed(request_id, error)])
         elif msg[0] == "abort":
             for request_id in msg[1]:
                 self.engine.abort_request(request_id)
@@ -174,10 +192,6 @@ class AsyncLLM:
         for out in outputs:
             if (q := self._queues.get(out.request_id)) is not None:
                 q.put_nowait(out)
-
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        if (q := self._queues.get(request_id)) is not None:
-            q.put_nowait(error)
 
     def _fail_all(self, error: BaseException) -> None:
         for q in set(self._queues.values()):

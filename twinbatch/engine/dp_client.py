@@ -1,9 +1,12 @@
 """The front end of a data-parallel world: validates and tokenizes requests, sends each to the least-loaded DP
-rank, and collects outputs. It owns no model. A rank that dies or fails ends every rank, with its error."""
+rank, and collects outputs. It owns no model. A rank that dies, fails, or falls silent (no heartbeat for
+HEARTBEAT_TIMEOUT_S: stopped, or wedged) ends every rank, with an error that names it."""
 
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import queue
 import threading
 import time
@@ -19,8 +22,13 @@ from twinbatch.outputs import RequestOutput
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 
-STOP_GRACE_S = 10.0
+logger = logging.getLogger(__name__)
+STOP_GRACE_S = 10.0  # how long a rank may take to leave its loop when stopped
+FAIL_GRACE_S = 1.0  # the same after a failure, when ranks may be stuck in a collective with the failed one
 EXIT_GRACE_S = 5.0  # on a failure, how long to wait for a dying local rank to show its exit code
+PEER_ERRORS_S = 1.0  # after a rank's error, how long to collect its peers' (they fail in collectives with it)
+# Ranks send a heartbeat every 0.5 s (worker_main.HEARTBEAT_S); a rank silent this long is stopped or wedged.
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("TWINBATCH_HEARTBEAT_TIMEOUT_S", "5"))
 
 
 class DPEngineClient:
@@ -33,6 +41,7 @@ class DPEngineClient:
         self.owner: dict[str, int] = {}
         self.rank_stats: dict[int, dict] = {}  # the latest LLMEngine.get_stats() of each rank
         self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
+        self.heard: dict[int, float] = {}  # when the front end last read a message from each rank
         self._closed = False
         with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
@@ -58,12 +67,15 @@ class DPEngineClient:
             self._fail(f"only {len(accepted)} of {size} DP ranks connected within {TIMEOUT_S:.0f} s")
         pending = set(accepted)
         while pending:
-            for conn in self._wait(list(pending), timeout=None):
+            for conn in self._wait(list(pending), timeout=1.0):
                 kind, rank, *rest = self._recv(conn)
+                self.heard[rank] = time.monotonic()
                 if kind == "error":
-                    self._fail(f"DP rank {rank} failed while starting:\n{rest[0]}")
-                self.conns[rank] = conn
-                pending.discard(conn)
+                    self._rank_failed(rank, *rest, while_="while starting")
+                if kind == "ready":
+                    self.conns[rank] = conn
+                    pending.discard(conn)
+            self._check_heartbeats()
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.owner)
@@ -110,16 +122,55 @@ class DPEngineClient:
         outputs: list[RequestOutput] = []
         for conn in self._wait(list(self.conns.values()), timeout):
             kind, payload, *rest = self._recv(conn)
+            rank = self._rank_of(conn)
+            self.heard[rank] = time.monotonic()
             if kind == "error":
                 self._check_killed(EXIT_GRACE_S)  # a rank killed outright makes its peers fail: name it first
-                self._fail(f"DP rank {payload} failed:\n{rest[0]}")
-            rank = self._rank_of(conn)
-            self.rank_stats[rank] = rest[0]
-            for out in payload:
-                if out.finished and self.owner.pop(out.request_id, None) is not None:
-                    self.load[rank] -= 1
-            outputs += payload
+                self._ranks_failed({payload: tuple(rest)})
+            if kind == "outputs":
+                self.rank_stats[rank] = rest[0]
+                self._count_finished(rank, payload)
+                outputs += payload
+        self._check_heartbeats()
         return outputs
+
+    def _count_finished(self, rank: int, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished and self.owner.pop(out.request_id, None) is not None:
+                self.load[rank] -= 1
+
+    def _check_heartbeats(self) -> None:
+        """Fails naming a rank the front end has heard nothing from for HEARTBEAT_TIMEOUT_S. Time spent away
+        from the connections (an offline caller between generate calls) does not count: every wait reads all
+        that arrived, heartbeats included, before this runs."""
+        now = time.monotonic()
+        for rank, heard in self.heard.items():
+            if now - heard > HEARTBEAT_TIMEOUT_S:
+                pid = f" (pid {self.procs[rank].pid})" if rank in self.procs else ""
+                self._fail(f"DP rank {rank}{pid} sent no heartbeat for {now - heard:.0f} s: it is stopped or hung")
+
+    def _rank_failed(self, rank: int, summary: str, trace: str, while_: str) -> None:
+        logger.error("DP rank %s failed %s:\n%s", rank, while_, trace)
+        self._fail(f"DP rank {rank} failed {while_}: {summary}")
+
+    def _ranks_failed(self, errors: dict[int, tuple[str, str]]) -> None:
+        """Fails with every rank's error: the first to arrive may be a peer's failure in a collective with the
+        rank at fault, so errors arriving within PEER_ERRORS_S are all named."""
+        deadline = time.monotonic() + PEER_ERRORS_S
+        others = [c for r, c in self.conns.items() if r not in errors]
+        while others and (left := deadline - time.monotonic()) > 0:
+            for conn in wait(others, left):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    msg = ("gone",)
+                if msg[0] in ("error", "gone"):
+                    others.remove(conn)
+                if msg[0] == "error":
+                    errors[msg[1]] = msg[2:]
+        for rank, (_, trace) in sorted(errors.items()):
+            logger.error("DP rank %s failed:\n%s", rank, trace)
+        self._fail("; ".join(f"DP rank {rank} failed: {summary}" for rank, (summary, _) in sorted(errors.items())))
 
     def _rank_of(self, conn: Connection) -> int | str:
         return next((r for r, c in self.conns.items() if c is conn), "?")
@@ -159,11 +210,12 @@ class DPEngineClient:
         return {r: p for r, p in self.procs.items() if p.exitcode is not None}
 
     def _fail(self, message: str) -> None:
-        self.shutdown()
+        self.shutdown(FAIL_GRACE_S)
         raise RuntimeError(message + "; every DP rank has been stopped")
 
-    def shutdown(self) -> None:
-        """Stops every rank (all of them leave their loop on the same step), then reaps this node's processes."""
+    def shutdown(self, grace: float = STOP_GRACE_S) -> None:
+        """Stops every rank (all of them leave their loop on the same step), then reaps this node's processes,
+        killing those that have not exited within `grace` seconds (a stopped process included)."""
         if self._closed:
             return
         self._closed = True
@@ -171,8 +223,9 @@ class DPEngineClient:
             self._send(rank, ("stop",))
         for outbox in self.outboxes.values():
             outbox.put(None)
+        deadline = time.monotonic() + grace
         for p in self.procs.values():
-            p.join(STOP_GRACE_S)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()

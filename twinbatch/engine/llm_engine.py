@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import Counter
 
 import torch
@@ -13,7 +15,7 @@ from twinbatch.engine.detokenizer import IncrementalDetokenizer
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.request import Request
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
-from twinbatch.outputs import CompletionOutput, Logprob, RequestOutput
+from twinbatch.outputs import CompletionOutput, Logprob, RequestError, RequestOutput, error_line
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 from twinbatch.ubatch import decision as dbo
@@ -40,14 +42,17 @@ class LLMEngine:
         self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (dbo.Reason values)
         self.num_prompt_tokens = 0  # of every request added, ever
         self.num_generation_tokens = 0  # every token sampled, ever
+        self.num_aborted = 0  # requests aborted before they finished, ever
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(config.device).manual_seed(config.seed)
+        self.faults = _parse_fault(os.environ.get("TWINBATCH_REQUEST_FAULT"))
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Validates and queues a request; raises ValueError (and changes nothing) on bad input."""
         request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.requests)
+        self._inject_fault("add", token_ids)
         gen = None if params.seed is None else torch.Generator(self.config.device).manual_seed(params.seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop_strings)
         req = Request(request_id, text, token_ids, params, generator=gen, detokenizer=detokenizer)
@@ -60,6 +65,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, "abort")
+            self.num_aborted += 1
 
     def get_stats(self) -> dict:
         """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
@@ -70,6 +76,8 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.block_manager.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_aborted": self.num_aborted,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
             "dbo": dict(self.dbo_stats),
@@ -86,6 +94,8 @@ class LLMEngine:
         any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
         """
         batch = self.scheduler.schedule()
+        for s in batch.scheduled:
+            self._inject_fault("step", s.request.prompt_token_ids)
         parallel = self.config.parallel
         no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
         decode_only = all(s.num_new_tokens == 1 for s in batch.scheduled)
@@ -120,14 +130,34 @@ class LLMEngine:
         self.num_generation_tokens += len(tokens)
         if any(p.logprobs is not None for p in params):
             self._sample_logprobs(sampled, out.logits, tokens)
-        outputs = []
-        for req, token in zip(sampled, tokens, strict=True):
-            req.output_token_ids.append(token)
-            self._check_stop(req, token)
-            outputs.append(self._make_output(req))
+        outputs = [self._advance(req, token) for req, token in zip(sampled, tokens, strict=True)]
+        for req in sampled:
             if req.is_finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def _advance(self, req: Request, token: int) -> RequestOutput:
+        """Appends a sampled token, checks the stop conditions, makes the output. What raises here belongs to
+        this request: it fails alone, and the step's other requests go on."""
+        try:
+            self._inject_fault("output", req.prompt_token_ids)
+            req.first_token_time = req.first_token_time or time.monotonic()
+            req.output_token_ids.append(token)
+            self._check_stop(req, token)
+            return self._make_output(req)
+        except Exception as e:
+            logger.exception("request %s failed while its output was processed", req.request_id)
+            self.scheduler.finish(req, "error")
+            return self.failed_output(req.request_id, RequestError(error_line(e), bad_input=False))
+
+    def failed_output(self, request_id: str, error: RequestError) -> RequestOutput:
+        out = RequestOutput.failed(request_id, error)
+        out.engine_index = self.config.parallel.data_parallel_rank
+        return out
+
+    def _inject_fault(self, stage: str, token_ids: list[int]) -> None:
+        if any(at == stage and token in token_ids for at, token in self.faults):
+            raise RuntimeError(f"injected fault (TWINBATCH_REQUEST_FAULT) at {stage}")
 
     def _sample_logprobs(self, sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
         k = max(r.sampling_params.logprobs or 0 for r in sampled)
@@ -161,9 +191,22 @@ class LLMEngine:
         logprobs = list(req.logprobs) if req.logprobs is not None else None
         completion = CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason, req.stop_reason, logprobs)
         prompt_logprobs = req.prompt_logprobs if req.num_computed_tokens >= len(req.prompt_token_ids) else None
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished, prompt_logprobs
-        )
+        metrics = req.metrics(time.monotonic()) if req.is_finished else None
+        rank = self.config.parallel.data_parallel_rank
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished,
+                             prompt_logprobs, metrics=metrics, engine_index=rank)  # fmt: skip
+
+
+def _parse_fault(spec: str | None) -> list[tuple[str, int]]:
+    """TWINBATCH_REQUEST_FAULT="STAGE:T[,STAGE:T...]" (fault-injection tests): a request whose prompt holds token id T
+    raises at STAGE: `add` (fails that request), `output` (fails it once it has a token), `step` (fails the step)."""
+    faults = []
+    for part in filter(None, (spec or "").split(",")):
+        stage, _, token = part.partition(":")
+        if stage not in ("add", "output", "step") or not token.isdigit():
+            raise ValueError(f"TWINBATCH_REQUEST_FAULT={spec!r}: use add:T, output:T or step:T (T a token id)")
+        faults.append((stage, int(token)))
+    return faults
 
 
 def _logprob_dicts(tensors: LogprobsTensors, k: int) -> list[dict[int, Logprob]]:

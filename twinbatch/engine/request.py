@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from twinbatch.engine.detokenizer import IncrementalDetokenizer
-from twinbatch.outputs import PromptLogprobs, SampleLogprobs
+from twinbatch.outputs import PromptLogprobs, RequestMetrics, SampleLogprobs
 from twinbatch.sampling_params import SamplingParams
 
 
@@ -35,6 +36,9 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     logprobs: SampleLogprobs | None = None  # one entry per output token, with SamplingParams.logprobs
     prompt_logprobs: PromptLogprobs | None = None  # one entry per prompt token scored so far (the first: None)
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # first scheduled
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
@@ -48,6 +52,13 @@ class Request:
         if lo >= p:
             return self.output_token_ids[lo - p : hi - p]
         return self.prompt_token_ids[lo:hi] + self.output_token_ids[: max(0, hi - p)]
+
+    def metrics(self, now: float) -> RequestMetrics:
+        """Its phases, for a request finishing now (one never scheduled spent all its time queued)."""
+        scheduled = self.scheduled_time or now
+        first = self.first_token_time or now
+        return RequestMetrics(scheduled - self.arrival_time, first - scheduled, now - first, now - scheduled,
+                              self.num_preemptions)  # fmt: skip
 
     @property
     def num_tokens(self) -> int:

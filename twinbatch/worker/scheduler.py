@@ -9,6 +9,7 @@ recomputed later from its prompt and the tokens it has generated so far.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # ever
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -104,6 +106,7 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(req, n)
             req.status = RequestStatus.RUNNING
+            req.scheduled_time = req.scheduled_time or time.monotonic()
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
@@ -112,6 +115,7 @@ class Scheduler:
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         out.preempted.append(req)
@@ -122,7 +126,7 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_new_tokens
 
     def finish(self, req: Request, reason: str) -> None:
-        """Ends a request (stop, length or abort) and returns its blocks."""
+        """Ends a request (stop, length, abort or error) and returns its blocks."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING:

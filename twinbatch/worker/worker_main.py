@@ -2,8 +2,10 @@
 
 Messages with the front end travel over a multiprocessing connection (pickled tuples):
   front end -> worker: ("add", request_id, prompt, params), ("abort", request_id), ("stop",)
-  worker -> front end: ("ready", rank), ("outputs", [RequestOutput], stats), ("error", rank, text)
-  Stats (LLMEngine.get_stats) ride on outputs, and are sent once more when the rank falls idle.
+  worker -> front end: ("ready", rank), ("outputs", [RequestOutput], stats), ("error", rank, summary, traceback),
+                       ("alive", rank) every HEARTBEAT_S from a thread of its own
+  Stats (LLMEngine.get_stats) ride on outputs, and are sent once more when the rank falls idle. A request that
+  fails alone (adding it raised, or processing its output did) comes back as a finished output with an error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from multiprocessing.connection import Client, Connection
@@ -22,9 +25,32 @@ import torch
 from twinbatch.config import EngineConfig
 from twinbatch.distributed.parallel_state import TIMEOUT_S, destroy_distributed, init_distributed
 from twinbatch.engine.llm_engine import LLMEngine
+from twinbatch.outputs import RequestError, RequestOutput, error_line
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.002  # how long an idle rank waits for new requests before the next (idle) sync
+HEARTBEAT_S = 0.5  # how often a rank tells the front end it is alive, from a thread that no step blocks
+
+
+class FrontendLink:
+    """The rank's connection to the front end. Sends are serialized by a lock, so the heartbeat thread can send
+    beside the main loop. The heartbeat stops only with the process: a stopped (SIGSTOP) or wedged process falls
+    silent, one that is merely busy in a long step does not."""
+
+    def __init__(self, conn: Connection, rank: int) -> None:
+        self.conn, self.rank = conn, rank
+        self._lock = threading.Lock()
+        threading.Thread(target=self._beat, name="twinbatch-heartbeat", daemon=True).start()
+
+    def send(self, msg: tuple) -> None:
+        with self._lock:
+            self.conn.send(msg)
+
+    def _beat(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.send(("alive", self.rank))
+                time.sleep(HEARTBEAT_S)
 
 
 def connect(address: tuple[str, int], authkey: bytes) -> Connection:
@@ -52,7 +78,7 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
     """Process entry point of DP rank `rank`."""
     logging.basicConfig(level=os.environ.get("TWINBATCH_LOG_LEVEL", "WARNING"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the front end, which stops every rank
-    conn = connect(address, authkey)
+    link = FrontendLink(connect(address, authkey), rank)
     try:
         config = dataclasses.replace(
             config,
@@ -60,36 +86,41 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
             parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank),
         )
         engine = LLMEngine(config, init_distributed(config.parallel, config.device))
-        conn.send(("ready", rank))
-        _loop(engine, conn)
+        link.send(("ready", rank))
+        _loop(engine, link)
         engine.model_runner.shutdown()
-    except BaseException:  # the front end must hear about every failure
+    except BaseException as e:  # the front end must hear about every failure
         with contextlib.suppress(OSError):
-            conn.send(("error", rank, traceback.format_exc()))
+            link.send(("error", rank, error_line(e), traceback.format_exc()))
         raise
     finally:
         destroy_distributed()
 
 
-def _loop(engine: LLMEngine, conn: Connection) -> None:
+def _loop(engine: LLMEngine, link: FrontendLink) -> None:
     stop, sent_stats = False, None
     while not engine.stopped:
-        idle = not engine.has_unfinished_requests()
-        while conn.poll(IDLE_POLL_S if idle and not stop else 0):
-            stop |= _handle(engine, conn.recv())
+        idle, failed = not engine.has_unfinished_requests(), []
+        while link.conn.poll(IDLE_POLL_S if idle and not stop else 0):
+            stop |= _handle(engine, link.conn.recv(), failed)
             idle = False
-        outputs = engine.step(stop)
+        outputs = failed + engine.step(stop)
         stats = engine.get_stats()
         if outputs or (stats != sent_stats and not engine.has_unfinished_requests()):
-            conn.send(("outputs", outputs, stats))
+            link.send(("outputs", outputs, stats))
             sent_stats = stats
 
 
-def _handle(engine: LLMEngine, msg: tuple) -> bool:
-    """Applies one front-end message; returns True for stop."""
+def _handle(engine: LLMEngine, msg: tuple, failed: list[RequestOutput]) -> bool:
+    """Applies one front-end message; returns True for stop. A request that cannot be added fails alone."""
     if msg[0] == "add":
         _, request_id, prompt, params = msg
-        engine.add_request(prompt, params, request_id)
+        try:
+            engine.add_request(prompt, params, request_id)
+        except Exception as e:
+            logger.exception("request %s could not be added", request_id)
+            error = RequestError(error_line(e), bad_input=isinstance(e, ValueError))
+            failed.append(engine.failed_output(request_id, error))
     elif msg[0] == "abort":
         engine.abort_request(msg[1])
     return msg[0] == "stop"

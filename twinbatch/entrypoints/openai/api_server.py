@@ -1,7 +1,10 @@
 """`twinbatch serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn), vLLM's endpoints and flags.
 
 Every error reaches the client as an OpenAI error body {"error": {"message", "type", "param", "code"}}: bad input
-is 400 (FastAPI's 422 included), a full queue 503, a failed engine 500 (and /health turns 503).
+is 400 (FastAPI's 422 included), an unknown model 404, a body over the size limit 413, a full queue 503, a failed
+engine or request 500, with no traceback or file path (the log has those). Bodies are parsed and prompts
+tokenized off the event loop. When the engine dies, in-flight requests fail, its gauges read zero, and the server
+exits non-zero so that a supervisor restarts it (as vLLM).
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import argparse
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
@@ -25,7 +32,6 @@ from twinbatch.engine.async_llm import AsyncLLM
 from twinbatch.entrypoints.openai import tokenization
 from twinbatch.entrypoints.openai.metrics import ServerMetrics
 from twinbatch.entrypoints.openai.protocol import (
-    FIELD_FORMS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -33,35 +39,68 @@ from twinbatch.entrypoints.openai.protocol import (
     TokenizeRequest,
     now,
 )
+from twinbatch.entrypoints.openai.request_body import parse_request, validation_error
 from twinbatch.entrypoints.openai.serving_chat import OpenAIServingChat
 from twinbatch.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from twinbatch.models.presets import BUILTIN_MODEL
+from twinbatch.outputs import error_line
 
 logger = logging.getLogger(__name__)
+ENGINE_DEATH_EXIT_DELAY_S = 2.0  # failed requests' responses go out, and a scrape can see the zeroed gauges
 
 
-def build_app(engine: AsyncLLM, model_names: list[str]) -> FastAPI:
-    """The app; it starts the engine thread when uvicorn starts it, and stops the engine when uvicorn stops."""
+@dataclass(frozen=True)
+class ServerOptions:
+    model_names: list[str]
+    max_request_body_bytes: int
+    allowed_origins: list[str]
+    allowed_methods: list[str]
+    allowed_headers: list[str]
+    allow_credentials: bool = False
+
+
+def build_app(engine: AsyncLLM, options: ServerOptions, on_engine_death: Callable[[], None]) -> FastAPI:
+    """The app; it starts the engine thread when uvicorn starts it, and stops the engine when uvicorn stops.
+    `on_engine_death` is called once the engine has died and its requests have been failed."""
     disable_created_metrics()  # as vLLM: no *_created series
-    metrics = ServerMetrics(model_names[0], lambda: engine.stats)
-    completion = OpenAIServingCompletion(engine, model_names, metrics)
-    chat = OpenAIServingChat(engine, model_names, metrics)
+    names = options.model_names
+    metrics = ServerMetrics(names[0], engine.config, lambda: engine.stats)
+    completion = OpenAIServingCompletion(engine, names, metrics)
+    chat = OpenAIServingChat(engine, names, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        watcher = asyncio.create_task(_watch_engine(engine, on_engine_death))
         try:
             yield
         finally:
+            watcher.cancel()
             engine.shutdown()
 
-    app = FastAPI(title="twinbatch", lifespan=lifespan)
-    app.state.engine = engine
+    app = FastAPI(title="twinbatch", version=version("twinbatch"), lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
+        allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials,
+    )  # fmt: skip
     _add_error_handlers(app)
 
+    async def body(request: Request, model: type) -> Any:
+        return await parse_request(request, model, options.max_request_body_bytes)
+
     @app.get("/health")
+    @app.get("/ping")
+    @app.post("/ping")
     async def health() -> Response:
         return Response(status_code=503 if engine.error is not None else 200)
+
+    @app.get("/version")
+    async def server_version() -> dict[str, str]:
+        return {"version": version("twinbatch")}
+
+    @app.get("/load")
+    async def load() -> dict[str, int]:
+        return {"server_load": engine.num_unfinished}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -69,32 +108,42 @@ def build_app(engine: AsyncLLM, model_names: list[str]) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        root, max_len = engine.config.model_path or model_names[0], completion.max_model_len
+        root, max_len = engine.config.model_path or names[0], completion.max_model_len
         data = [{"id": m, "object": "model", "created": now(), "owned_by": "twinbatch", "root": root,
-                 "max_model_len": max_len} for m in model_names]  # fmt: skip
+                 "max_model_len": max_len} for m in names]  # fmt: skip
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(request, completion.create_completion(body))
+    async def completions(request: Request) -> Response:
+        return await _respond(request, completion.create_completion(await body(request, CompletionRequest)))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(request, chat.create_chat_completion(body))
+    async def chat_completions(request: Request) -> Response:
+        return await _respond(request, chat.create_chat_completion(await body(request, ChatCompletionRequest)))
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return tokenization.tokenize(chat, body)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await body(request, TokenizeRequest)
+        return await engine.on_tokenizer_thread(tokenization.tokenize, chat, req)
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return tokenization.detokenize(chat, body)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await body(request, DetokenizeRequest)
+        return await engine.on_tokenizer_thread(tokenization.detokenize, chat, req)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         return tokenization.tokenizer_info(chat)
 
     return app
+
+
+async def _watch_engine(engine: AsyncLLM, on_engine_death: Callable[[], None]) -> None:
+    while engine.error is None:
+        await asyncio.sleep(0.1)
+    logger.error("the engine has died (%s); the server stops", engine.error)
+    await asyncio.sleep(ENGINE_DEATH_EXIT_DELAY_S)
+    on_engine_death()
 
 
 async def _respond(request: Request, result: Awaitable[dict | AsyncIterator[str]]) -> Response:
@@ -134,29 +183,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(e)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(_validation_error(e.errors()))
+    async def request_validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(validation_error(e.errors()))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
         logger.exception("request failed")
-        return _error(OpenAIError(f"internal error: {e}", 500, "InternalServerError"))
+        return _error(OpenAIError(f"internal error ({type(e).__name__}); the server log has the details", 500,
+                                  "InternalServerError"))  # fmt: skip
 
 
-def _validation_error(errors: Sequence[Any]) -> OpenAIError:
-    """FastAPI's 422 becomes OpenAI's 400, naming the field, what it must be, and what was sent."""
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        return OpenAIError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-    loc = [str(part) for part in first["loc"] if part != "body"]
-    got = f" (got {first['input']!r})" if first["type"] != "missing" else ""
-    form = next(((i, FIELD_FORMS[p]) for i, p in enumerate(loc) if p in FIELD_FORMS), None)
-    if form is not None and got:  # a union: pydantic reports every member; say what the field accepts instead
-        loc = loc[: form[0] + 1]
-        return OpenAIError(f"{'.'.join(loc)} must be {form[1]}{got}", param=".".join(loc))
-    param = ".".join(loc) or None
-    more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
-    return OpenAIError(f"{param or 'body'}: {first['msg']}{got}{more}", param=param)
+def server_options(args: argparse.Namespace, default_name: str) -> ServerOptions:
+    if args.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    return ServerOptions(
+        args.served_model_name or [default_name], args.max_request_body_bytes, args.allowed_origins,
+        args.allowed_methods, args.allowed_headers, args.allow_credentials,
+    )  # fmt: skip
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -166,6 +209,7 @@ def run_server(args: argparse.Namespace) -> None:
         args.model = args.model_tag
     if args.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    options = server_options(args, args.model or BUILTIN_MODEL)
     engine_args = EngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config()
     if config.parallel.node_rank > 0:
@@ -174,8 +218,10 @@ def run_server(args: argparse.Namespace) -> None:
         raise SystemExit(run_headless(config))  # serves node 0's front end until it stops
     sock = socket.create_server((args.host, args.port))  # before loading the model: a taken port fails at once
     engine = AsyncLLM(config, args.max_waiting_requests)
-    app = build_app(engine, args.served_model_name or [engine_args.model or BUILTIN_MODEL])
+    app = build_app(engine, options, on_engine_death=lambda: setattr(server, "should_exit", True))
     http = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
                           timeout_keep_alive=args.timeout_keep_alive)  # fmt: skip
     server = uvicorn.Server(http)
     server.run(sockets=[sock])
+    if engine.error is not None:
+        sys.exit(f"error: the engine died ({error_line(engine.error)}); the server has stopped")

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from twinbatch.sampling_params import INT64_MAX, INT64_MIN
+
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_N = 128
 # What a field that takes several forms accepts: a validation error names the forms, not each union member.
@@ -41,10 +43,14 @@ def now() -> int:
     return int(time.time())
 
 
-# OpenAI / vLLM sampling options twinbatch does not implement, and the value that means "off": a request that
-# turns one on is refused (400) rather than silently sampled without it. Other unknown fields are ignored.
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
-               "logit_bias": None, "suffix": None, "best_of": None, "tools": None, "response_format": None}  # fmt: skip
+# OpenAI / vLLM options twinbatch does not implement, and the values that mean "off" (best_of may also equal n): a
+# request that turns one on is refused (400) rather than silently served without it. Other unknown fields are
+# ignored, as in vLLM.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "min_p": (0,),
+    "min_tokens": (0,), "logit_bias": (None, {}), "suffix": (None, ""), "best_of": (None,), "tools": (None, []),
+    "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+}  # fmt: skip
 
 
 class OpenAIBaseModel(BaseModel):
@@ -64,7 +70,7 @@ class SamplingFields(OpenAIBaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # sample j of n uses seed + j, which must fit too
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -75,6 +81,11 @@ class SamplingFields(OpenAIBaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage (running totals) in every chunk of a stream."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingFields):

@@ -9,7 +9,15 @@ from typing import Any
 
 from twinbatch.engine.async_llm import EngineRequest
 from twinbatch.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, OpenAIError, now, random_id, usage
-from twinbatch.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, clamp, error_events, logprob_ids, sse
+from twinbatch.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    chunk_usage,
+    clamp,
+    error_events,
+    logprob_ids,
+    sse,
+)
 from twinbatch.outputs import Logprob, RequestOutput
 
 # For tokenizers without a chat template of their own (the built-in model's): one "role: content" line each.
@@ -39,22 +47,28 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(f"the chat template failed: {e}", param="messages") from None
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        model = self.check_model(req.model)
-        requests = self._requests(req)
+        model = self.check_request(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        requests = await self.engine.on_tokenizer_thread(self._requests, req)
         self.admit(requests)
         head = {"id": random_id("chatcmpl"), "created": now(), "model": model}
         if req.stream:
             return error_events(self._stream(req, requests, head | {"object": "chat.completion.chunk"}))
-        final = await self.final_outputs(requests)
+        final = await self.final_outputs(requests, req.n)
         outs = [final[request_id] for request_id, _, _ in requests]
-        choices = [self._choice(req, i, out) for i, out in enumerate(outs)]
+        choices = [await self._choice(req, i, out) for i, out in enumerate(outs)]
         completion_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         body = {"choices": choices, "usage": usage(len(outs[0].prompt_token_ids), completion_tokens)}
         return head | {"object": "chat.completion"} | body
 
     def _requests(self, req: ChatCompletionRequest) -> list[EngineRequest]:
+        """The chat template and tokenization (on the tokenizer thread) -> one engine request per choice."""
         prompt = self.apply_chat_template(req.messages, req.add_generation_prompt, req.chat_template)
-        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template holds any BOS
+        try:
+            token_ids = self.engine.process_input.encode(prompt, add_special_tokens=False)  # the template has BOS
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from None
         _, token_ids = self.process_prompt(token_ids, param="messages")
         max_tokens = self.max_tokens(req.max_completion_tokens or req.max_tokens, len(token_ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -65,22 +79,22 @@ class OpenAIServingChat(OpenAIServing):
             for j in range(req.n)
         ]  # fmt: skip
 
-    def _choice(self, req: ChatCompletionRequest, index: int, out: RequestOutput) -> dict[str, Any]:
+    async def _choice(self, req: ChatCompletionRequest, index: int, out: RequestOutput) -> dict[str, Any]:
         c = out.outputs[0]
         return {
             "index": index,
             "message": {"role": "assistant", "content": c.text},
-            "logprobs": self._logprobs(req, c.token_ids, c.logprobs) if req.logprobs else None,
+            "logprobs": await self._logprobs(req, c.token_ids, c.logprobs) if req.logprobs else None,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
 
-    def _logprobs(
+    async def _logprobs(
         self, req: ChatCompletionRequest, token_ids: list[int], steps: list[dict[int, Logprob]] | None
     ) -> dict[str, list]:
         """OpenAI's chat layout: per token its text, bytes, log-probability and the top_logprobs most likely."""
         steps = steps or []
-        strs = self.token_strs([*token_ids, *logprob_ids(steps)])
+        strs = await self.token_strs([*token_ids, *logprob_ids(steps)])
 
         def entry(token: int, logprob: float) -> dict[str, Any]:
             return {"token": strs[token], "logprob": clamp(logprob), "bytes": list(strs[token].encode())}
@@ -96,17 +110,16 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(
         self, req: ChatCompletionRequest, requests: list[EngineRequest], head: dict
     ) -> AsyncIterator[str]:
-        """A role delta for every choice first, then a content delta per engine output, usage, [DONE]."""
-        extra = {"usage": None} if req.include_usage else {}
+        """A role delta for every choice first, then a content delta per engine output, usage, [DONE]. With
+        continuous usage stats, every event carries its choice's usage so far (as vLLM)."""
         index = {request_id: j for j, (request_id, _, _) in enumerate(requests)}
         sent = dict.fromkeys(index, (0, 0))  # per choice: (tokens, characters) sent
+        prompt_tokens, completion_tokens = len(requests[0][1]["prompt_token_ids"]), 0
         for j in range(req.n):
-            delta = {"role": "assistant", "content": ""}
-            yield sse(
-                head | {"choices": [{"index": j, "delta": delta, "logprobs": None, "finish_reason": None}]} | extra
-            )
-        prompt_tokens, completion_tokens = 0, 0
-        async with aclosing(self.outputs(requests)) as stream:
+            role = {"role": "assistant", "content": ""}
+            choice = {"index": j, "delta": role, "logprobs": None, "finish_reason": None}
+            yield sse(head | {"choices": [choice]} | chunk_usage(req, prompt_tokens, 0))
+        async with aclosing(self.outputs(requests, req.n)) as stream:
             async for out in stream:
                 c, (num_tokens, num_chars) = out.outputs[0], sent[out.request_id]
                 sent[out.request_id] = (len(c.token_ids), len(c.text))
@@ -114,13 +127,13 @@ class OpenAIServingChat(OpenAIServing):
                 choice = {
                     "index": index[out.request_id],
                     "delta": {"content": c.text[num_chars:]},
-                    "logprobs": self._logprobs(req, new_ids, new_steps) if req.logprobs else None,
+                    "logprobs": await self._logprobs(req, new_ids, new_steps) if req.logprobs else None,
                     "finish_reason": c.finish_reason if out.finished else None,
                 }
                 if out.finished:
                     choice["stop_reason"] = c.stop_reason
-                    prompt_tokens, completion_tokens = len(out.prompt_token_ids), completion_tokens + len(c.token_ids)
-                yield sse(head | {"choices": [choice]} | extra)
+                    completion_tokens += len(c.token_ids)
+                yield sse(head | {"choices": [choice]} | chunk_usage(req, prompt_tokens, len(c.token_ids)))
         if req.include_usage:
             yield sse(head | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield SSE_DONE

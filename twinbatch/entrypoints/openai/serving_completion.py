@@ -13,7 +13,15 @@ from typing import Any
 
 from twinbatch.engine.async_llm import EngineRequest
 from twinbatch.entrypoints.openai.protocol import CompletionRequest, OpenAIError, now, random_id, usage
-from twinbatch.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, clamp, error_events, logprob_ids, sse
+from twinbatch.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    chunk_usage,
+    clamp,
+    error_events,
+    logprob_ids,
+    sse,
+)
 from twinbatch.outputs import Logprob, RequestOutput
 
 
@@ -33,19 +41,19 @@ class Choice:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        model = self.check_model(req.model)
+        model = self.check_request(req)
         if req.max_tokens == 0 and not req.echo:
             raise OpenAIError(
                 "max_tokens must be at least 1 (0 only with echo=true, to score the prompt)", param="max_tokens"
             )
-        requests, choices = self._requests(req)
+        requests, choices = await self.engine.on_tokenizer_thread(self._requests, req)
         self.admit(requests)
         head = {"id": random_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
         if req.stream:
             return error_events(self._stream(req, requests, choices, head))
-        final = await self.final_outputs(requests)
+        final = await self.final_outputs(requests, req.n)
         outs = [final[request_id] for request_id, _, _ in requests]
-        body = [self._choice(req, choices[o.request_id], o) for o in outs]
+        body = [await self._choice(req, choices[o.request_id], o) for o in outs]
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[:: req.n])
         completion_tokens = sum(0 if choices[o.request_id].echo_only else len(o.outputs[0].token_ids) for o in outs)
         return head | {"choices": body, "usage": usage(prompt_tokens, completion_tokens)}
@@ -58,6 +66,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return list(prompt)
 
     def _requests(self, req: CompletionRequest) -> tuple[list[EngineRequest], dict[str, Choice]]:
+        """Tokenizes and checks every prompt (on the tokenizer thread) -> the engine requests, their choices."""
         base, requests, choices = random_id("cmpl"), [], {}
         echo_only = req.echo and req.max_tokens == 0
         for i, prompt in enumerate(self._prompts(req.prompt)):
@@ -74,7 +83,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices[request_id] = Choice(i * req.n + j, text or "", token_ids, echo_only)
         return requests, choices
 
-    def _choice(self, req: CompletionRequest, choice: Choice, out: RequestOutput) -> dict[str, Any]:
+    async def _choice(self, req: CompletionRequest, choice: Choice, out: RequestOutput) -> dict[str, Any]:
         """The choice's part of this output that was not sent yet (all of it for a whole response)."""
         c = out.outputs[0]
         text, token_ids, steps = "", [], []
@@ -90,16 +99,16 @@ class OpenAIServingCompletion(OpenAIServing):
         return {
             "index": choice.index,
             "text": text,
-            "logprobs": None if req.logprobs is None else self._logprobs(choice, token_ids, steps),
+            "logprobs": None if req.logprobs is None else await self._logprobs(choice, token_ids, steps),
             "finish_reason": finish_reason,
             "stop_reason": c.stop_reason if out.finished and not choice.echo_only else None,
         }
 
-    def _logprobs(
+    async def _logprobs(
         self, choice: Choice, token_ids: list[int], steps: list[dict[int, Logprob] | None]
     ) -> dict[str, list]:
         """OpenAI's legacy layout: per token its text, log-probability, top alternatives and text offset."""
-        strs = self.token_strs([*token_ids, *logprob_ids(steps)])
+        strs = await self.token_strs([*token_ids, *logprob_ids(steps)])
         tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
         for token, step in zip(token_ids, steps, strict=True):
             tokens.append(strs[token])
@@ -117,16 +126,18 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(
         self, req: CompletionRequest, requests: list[EngineRequest], choices: dict[str, Choice], head: dict
     ) -> AsyncIterator[str]:
-        """One event per engine output (one token of one choice), then the usage event, then [DONE]."""
-        extra = {"usage": None} if req.include_usage else {}
+        """One event per engine output (one token of one choice), then the usage event, then [DONE]. With
+        continuous usage stats, every event carries its choice's usage so far (as vLLM)."""
         prompt_tokens, completion_tokens = 0, 0
-        async with aclosing(self.outputs(requests)) as stream:
+        async with aclosing(self.outputs(requests, req.n)) as stream:
             async for out in stream:
                 choice = choices[out.request_id]
-                yield sse(head | {"choices": [self._choice(req, choice, out)]} | extra)
+                num_tokens = 0 if choice.echo_only else len(out.outputs[0].token_ids)
+                event = head | {"choices": [await self._choice(req, choice, out)]}
+                yield sse(event | chunk_usage(req, len(out.prompt_token_ids), num_tokens))
                 if out.finished:
                     prompt_tokens += len(out.prompt_token_ids) if choice.index % req.n == 0 else 0
-                    completion_tokens += 0 if choice.echo_only else len(out.outputs[0].token_ids)
+                    completion_tokens += num_tokens
         if req.include_usage:
             yield sse(head | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield SSE_DONE

@@ -10,9 +10,9 @@ from typing import Any
 
 from twinbatch.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest, QueueFullError
 from twinbatch.entrypoints.openai.metrics import ServerMetrics
-from twinbatch.entrypoints.openai.protocol import UNSUPPORTED, OpenAIError, SamplingFields
-from twinbatch.outputs import Logprob, RequestOutput
-from twinbatch.sampling_params import SamplingParams
+from twinbatch.entrypoints.openai.protocol import UNSUPPORTED, OpenAIError, SamplingFields, usage
+from twinbatch.outputs import Logprob, RequestError, RequestOutput
+from twinbatch.sampling_params import INT64_MAX, SamplingParams
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM sends this instead
 
@@ -24,11 +24,25 @@ def engine_error(e: Exception) -> OpenAIError:
     return OpenAIError(str(e), 500, "InternalServerError")
 
 
+def request_error(error: RequestError) -> OpenAIError:
+    if error.bad_input:
+        return OpenAIError(error.message)
+    return OpenAIError(f"the request failed in the engine: {error.message}", 500, "InternalServerError")
+
+
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def chunk_usage(req: SamplingFields, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A stream event's usage field: none without include_usage, null with it, the choice's usage so far with
+    continuous_usage_stats."""
+    if req.continuous_usage:
+        return {"usage": usage(prompt_tokens, completion_tokens)}
+    return {"usage": None} if req.include_usage else {}
 
 
 def clamp(logprob: float) -> float:
@@ -41,15 +55,28 @@ class OpenAIServing:
         self.model_names = model_names
         self.metrics = metrics
         self.max_model_len = engine.config.scheduler.max_model_len
-        self.tokenizer = engine.tokenizer
+        self.tokenizer = engine.tokenizer  # used on the engine's tokenizer thread only
+        self._token_strs: dict[int, str] = {}
+
+    def check_request(self, req: SamplingFields) -> str:
+        """Checks what every generating request shares -> the model name for responses. An unknown model is a
+        404 naming the served ones, as in vLLM."""
+        if req.stream_options is not None and not req.stream:
+            raise OpenAIError("stream_options is only allowed with stream: true", param="stream_options")
+        if req.seed is not None and req.seed + req.n - 1 > INT64_MAX:
+            raise OpenAIError(
+                f"seed + n - 1 must be at most 2**63 - 1 (sample j of n uses seed + j); got seed {req.seed}, n {req.n}",
+                param="seed",
+            )
+        return self.check_model(req.model)
 
     def check_model(self, model: str | None) -> str:
-        """-> the model name for responses; an unknown name is a 400 naming the served ones."""
         if model is None:
             return self.model_names[0]
         if model not in self.model_names:
             served = ", ".join(f"`{m}`" for m in self.model_names)
-            raise OpenAIError(f"The model `{model}` does not exist; this server serves {served}", param="model")
+            raise OpenAIError(f"The model `{model}` does not exist; this server serves {served}", 404,
+                              "NotFoundError", param="model")  # fmt: skip
         return model
 
     def process_prompt(self, prompt: str | list[int], param: str = "prompt") -> tuple[str | None, list[int]]:
@@ -73,10 +100,12 @@ class OpenAIServing:
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, sample: int, **extra: Any) -> SamplingParams:
         """The params of sample number `sample` of n; a seeded request's samples get seeds seed, seed+1, ..."""
-        for name, off in UNSUPPORTED.items():
-            value = (req.model_extra or {}).get(name, off)
-            if value != off and not (name == "best_of" and value == req.n):
-                raise OpenAIError(f"{name} is not supported by twinbatch; leave it out (or at {off})", param=name)
+        unknown = req.model_extra or {}
+        for name, offs in UNSUPPORTED.items():
+            value = unknown.get(name)
+            if name in unknown and value not in offs and not (name == "best_of" and value == req.n):
+                allowed = " or ".join(json.dumps(off) for off in offs if off is not None) or "null"
+                raise OpenAIError(f"{name} is not supported by twinbatch; leave it out (or at {allowed})", param=name)
         try:
             return SamplingParams(
                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
@@ -101,38 +130,45 @@ class OpenAIServing:
         except (QueueFullError, EngineDeadError) as e:
             raise engine_error(e) from None
 
-    async def outputs(self, requests: list[EngineRequest]) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs of these requests as they arrive; engine refusals become OpenAIError."""
+    async def outputs(self, requests: list[EngineRequest], n: int) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs of these requests (n samples of each prompt) as they arrive; engine refusals and
+        a request that failed in the engine become OpenAIError (the others of the HTTP request are then aborted)."""
         if self.metrics is not None:
-            for request_id, _, _ in requests:
-                self.metrics.arrived(request_id)
+            for i, (request_id, _, params) in enumerate(requests):
+                self.metrics.arrived(request_id, params.max_tokens, n if i % n == 0 else 0)
         try:
             async with aclosing(self.engine.generate(requests)) as stream:
                 async for out in stream:
                     if self.metrics is not None:
                         self.metrics.observe(out)
+                    if out.error is not None:
+                        raise request_error(out.error)
                     yield out
         except (QueueFullError, EngineDeadError) as e:
             raise engine_error(e) from None
         finally:
             if self.metrics is not None:
                 for request_id, _, _ in requests:
-                    self.metrics.forget(request_id)
+                    self.metrics.forget(request_id)  # those still unfinished
 
-    async def final_outputs(self, requests: list[EngineRequest]) -> dict[str, RequestOutput]:
+    async def final_outputs(self, requests: list[EngineRequest], n: int) -> dict[str, RequestOutput]:
         final = {}
-        async with aclosing(self.outputs(requests)) as stream:
+        async with aclosing(self.outputs(requests, n)) as stream:
             async for out in stream:
                 if out.finished:
                     final[out.request_id] = out
         return final
 
-    def token_strs(self, token_ids: Iterable[int]) -> dict[int, str]:
-        """Each token's own text (vLLM's logprob token strings); "token_id:N" for a model without a tokenizer."""
-        ids = sorted(set(token_ids))
+    async def token_strs(self, token_ids: Iterable[int]) -> dict[int, str]:
+        """Each token's own text (vLLM's logprob token strings); "token_id:N" for a model without a tokenizer.
+        Decoded once per token id, on the tokenizer thread."""
+        ids = set(token_ids)
         if self.tokenizer is None:
             return {t: f"token_id:{t}" for t in ids}
-        return dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids]), strict=True))
+        if missing := sorted(ids - self._token_strs.keys()):
+            texts = await self.engine.on_tokenizer_thread(self.tokenizer.batch_decode, [[t] for t in missing])
+            self._token_strs.update(zip(missing, texts, strict=True))
+        return {t: self._token_strs[t] for t in ids}
 
 
 def logprob_ids(steps: Iterable[dict[int, Logprob] | None]) -> set[int]:
