@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
+from importlib.metadata import version
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from twinbatch.entrypoints.openai.serving_chat import DEFAULT_CHAT_TEMPLATE
 
 MODEL = "twinbatch/tiny-deepseek-v2"
 PROMPTS = ["Hello, my name is", "The capital of France is"]
+CHAT = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +298,44 @@ def test_64_concurrent_streams(url: str) -> None:
     results = asyncio.run(main())
     assert results == [(4 + i % 7, 4 + i % 7, "data: [DONE]") for i in range(64)]
     wait_idle(url)
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(url: str) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, prompt in (("/v1/completions", {"prompt": [5, 6, 7]}), ("/v1/chat/completions", {"messages": CHAT})):
+        body = prompt | {"max_tokens": 4, "ignore_eos": True, "stream_options": options}
+        *chunks, final = stream(url, path, body)
+        prompt_tokens = final["usage"]["prompt_tokens"]
+        completion = [c["usage"]["completion_tokens"] for c in chunks]
+        assert all(c["usage"]["prompt_tokens"] == prompt_tokens for c in chunks)
+        assert completion[-4:] == [1, 2, 3, 4] and set(completion[:-4]) <= {0}  # chat: the role chunk first
+        assert final["usage"] == {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": 4,
+            "total_tokens": prompt_tokens + 4,
+        }
+    no_continuous = stream(
+        url, "/v1/completions", {"prompt": [5], "max_tokens": 2, "stream_options": {"include_usage": True}}
+    )
+    assert [c["usage"] for c in no_continuous[:-1]] == [None, None]
+
+
+def test_version_ping_load_and_cors(url: str) -> None:
+    assert httpx.get(url + "/version").json() == {"version": version("twinbatch")}
+    assert httpx.get(url + "/ping").status_code == 200 and httpx.post(url + "/ping").status_code == 200
+    assert httpx.get(url + "/load").json() == {"server_load": 0}
+    preflight = httpx.options(url + "/v1/completions", headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+
+
+def test_idle_keep_alive_connection_is_reused(url: str) -> None:
+    """uvicorn's own default closes a connection idle for 5 s, racing a client that reuses it; serve keeps it 60 s."""
+    host, port = url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # b"" if the server had closed it

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from openai_server import BUILTIN_DP2_FLAGS, launch_server
 
-from twinbatch.entrypoints.cli import main
+from twinbatch.entrypoints.cli import main, make_parser
 
 LONG = list(range(100, 400))  # 300 token ids: longer than max_model_len
 USER = [{"role": "user", "content": "x"}]
@@ -175,3 +175,11 @@ def test_off_values_and_unknown_fields_are_accepted(url: str, path: str, fields:
 def test_bad_serve_command_line(argv: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_cors_flags_take_json_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    args = make_parser().parse_args(["serve", "--allowed-origins", '["http://a.example"]', "--allow-credentials"])
+    assert args.allowed_origins == ["http://a.example"] and args.allowed_methods == ["*"] and args.allow_credentials
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["serve", "--allowed-origins", "http://a.example"])
+    assert "expected a JSON list of strings" in capsys.readouterr().err

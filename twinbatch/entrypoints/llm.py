@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from twinbatch.engine.llm_engine import LLMEngine
 from twinbatch.outputs import RequestOutput
 from twinbatch.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 Prompt = str | list[int] | dict[str, Any]
 
 
@@ -48,7 +50,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generates for every prompt; returns one RequestOutput per prompt, in prompt order.
 
-        All prompts are validated before any is queued, so a bad one raises ValueError and changes nothing.
+        All prompts are validated before any is queued, so a bad one raises ValueError and changes nothing. A
+        request that fails in the engine alone is returned finished with `error` set (finish_reason "error").
         """
         prompts = _as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -69,6 +72,8 @@ class LLM:
             try:
                 while len(finished) < len(ids):
                     for out in self.llm_engine.step():
+                        if out.error is not None:
+                            logger.warning("request %s failed: %s", out.request_id, out.error.message)
                         if out.finished:
                             finished[out.request_id] = out
                             bar.update(1)
