@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from twinbatch import LLM, SamplingParams
+from twinbatch.engine.dp_client import HEARTBEAT_TIMEOUT_S
 from twinbatch.engine.launcher import free_port
 
 PROMPTS = [[5, 17, 42, 7, 99], list(range(30, 47)), [(i * 37) % 250 + 2 for i in range(30)], [9, 8], [3] * 12]
@@ -38,6 +39,8 @@ def test_dp2_ep2_matches_one_process(dsv2_dir: Path, reference: dict, backend: s
               all2all_backend=backend)  # fmt: skip
     try:
         assert greedy(llm, PROMPTS, MAX_TOKENS) == reference["batch"]
+        if backend == "all2all":  # a caller away longer than the heartbeat timeout does not make a rank "silent"
+            time.sleep(HEARTBEAT_TIMEOUT_S + 2)
         assert greedy(llm, PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
     finally:
         llm.shutdown()
@@ -99,15 +102,21 @@ def test_torchrun_matches_one_launch() -> None:
     assert len(under_torchrun) == 3 and under_torchrun == cli_tokens(twinbatch_cli())
 
 
-def test_killed_worker_stops_everything_with_a_clear_error(dsv2_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "sig, error",
+    [(signal.SIGKILL, r"DP rank 1 \(pid \d+\) exited with code -9"),
+     (signal.SIGSTOP, r"DP rank 1 \(pid \d+\) sent no heartbeat for \d+ s: it is stopped or hung")],
+    ids=["killed", "stopped"],
+)  # fmt: skip
+def test_lost_worker_stops_everything_with_a_clear_error(dsv2_dir: Path, sig: signal.Signals, error: str) -> None:
     llm = LLM(str(dsv2_dir), max_model_len=512, data_parallel_size=2, enable_expert_parallel=True)
     procs = llm.llm_engine.procs
-    threading.Timer(1.0, os.kill, (procs[1].pid, signal.SIGKILL)).start()
+    threading.Timer(1.0, os.kill, (procs[1].pid, sig)).start()
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"DP rank 1 \(pid \d+\) exited with code -9"):
+    with pytest.raises(RuntimeError, match=error):
         greedy(llm, [[5, 6, 7]] * 4, [400] * 4)
-    assert time.monotonic() - start < 30
-    assert all(not p.is_alive() for p in procs.values())  # no orphans
+    assert time.monotonic() - start < (30 if sig == signal.SIGKILL else 1 + HEARTBEAT_TIMEOUT_S + 4)
+    assert all(not p.is_alive() for p in procs.values())  # no orphans, the stopped one included
 
 
 FRONT_END = """

@@ -43,7 +43,7 @@ class DPEngineClient:
         self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
         self.heard: dict[int, float] = {}  # when the front end last read a message from each rank
         self._closed = False
-        with Listener(frontend_address(config), authkey=AUTHKEY) as listener:
+        with Listener(frontend_address(config, listen=True), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
             atexit.register(self.shutdown)
             try:
@@ -118,21 +118,28 @@ class DPEngineClient:
         return bool(self.owner)
 
     def step(self, timeout: float = 1.0) -> list[RequestOutput]:
-        """Returns the outputs that arrived within `timeout` seconds (maybe none)."""
+        """Returns the outputs that arrived within `timeout` seconds (maybe none). Reads every message waiting on
+        a ready connection: heartbeats that piled up while nobody read never hold outputs back."""
         outputs: list[RequestOutput] = []
         for conn in self._wait(list(self.conns.values()), timeout):
-            kind, payload, *rest = self._recv(conn)
-            rank = self._rank_of(conn)
-            self.heard[rank] = time.monotonic()
-            if kind == "error":
-                self._check_killed(EXIT_GRACE_S)  # a rank killed outright makes its peers fail: name it first
-                self._ranks_failed({payload: tuple(rest)})
-            if kind == "outputs":
-                self.rank_stats[rank] = rest[0]
-                self._count_finished(rank, payload)
-                outputs += payload
+            outputs += self._read(conn)
+            while conn.poll(0):
+                outputs += self._read(conn)
         self._check_heartbeats()
         return outputs
+
+    def _read(self, conn: Connection) -> list[RequestOutput]:
+        kind, payload, *rest = self._recv(conn)
+        rank = self._rank_of(conn)
+        self.heard[rank] = time.monotonic()
+        if kind == "error":
+            self._check_killed(EXIT_GRACE_S)  # a rank killed outright makes its peers fail: name it first
+            self._ranks_failed({payload: tuple(rest)})
+        if kind != "outputs":
+            return []
+        self.rank_stats[rank] = rest[0]
+        self._count_finished(rank, payload)
+        return payload
 
     def _count_finished(self, rank: int, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -32,8 +32,11 @@ def with_free_ports(config: EngineConfig) -> EngineConfig:
     return dataclasses.replace(config, parallel=dataclasses.replace(p, master_port=free_port(p.master_addr)))
 
 
-def frontend_address(config: EngineConfig) -> tuple[str, int]:
-    return config.parallel.master_addr, config.parallel.master_port + 1
+def frontend_address(config: EngineConfig, listen: bool = False) -> tuple[str, int]:
+    """Where ranks reach the front end. On one node the front end listens on any free port (`listen`), which
+    it then hands to the ranks it spawns: master_port + 1 need not be free."""
+    p = config.parallel
+    return (p.master_addr, 0) if listen and p.nnodes == 1 else (p.master_addr, p.master_port + 1)
 
 
 def spawn_workers(config: EngineConfig, address: tuple[str, int]) -> dict[int, BaseProcess]:
