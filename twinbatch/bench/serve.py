@@ -2,8 +2,8 @@
 
 The flags and figures are those of vLLM's `vllm bench serve` (random dataset, `openai` backend). Prompts are
 lists of random token ids, so no tokenizer is needed on the client and any server that accepts token-id prompts
-on /v1/completions can be measured. Every request streams (`stream_options.include_usage`); the metric
-definitions are in serve_metrics.py and docs/bench_serve.md.
+on /v1/completions can be measured. Every request streams (`stream_options.include_usage`) through
+serve_client.py; the metric definitions are in serve_metrics.py and docs/bench_serve.md.
 """
 
 from __future__ import annotations
@@ -11,19 +11,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 from tqdm import tqdm
 
-from twinbatch.bench.serve_metrics import METRICS, RequestFuncOutput, calculate_metrics, format_table, parse_stream
+from twinbatch.bench.serve_client import CompletionClient
+from twinbatch.bench.serve_metrics import METRICS, RequestFuncOutput, calculate_metrics, format_table
 from twinbatch.bench.serve_metrics import result_json as make_result_json
 
 DEFAULT_VOCAB_SIZE = 1000  # when neither --random-vocab-size nor the server's /tokenizer_info gives one
@@ -91,25 +94,6 @@ def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) ->
     return [t * (n / rate) / times[-1] for t in times]
 
 
-async def request_completion(client: httpx.AsyncClient, url: str, payload: dict, prompt_len: int) -> RequestFuncOutput:
-    """Sends one streaming completion; records each `data:` chunk with the time it arrived."""
-    events: list[tuple[float, dict[str, Any]]] = []
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=payload) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode(errors="replace")
-                return RequestFuncOutput(prompt_len=prompt_len, start_time=start,
-                                         error=f"HTTP {response.status_code}: {body[:500]}")  # fmt: skip
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data:").strip()
-                if line.startswith("data:") and data != "[DONE]":
-                    events.append((time.perf_counter(), json.loads(data)))
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return RequestFuncOutput(prompt_len=prompt_len, start_time=start, error=f"{type(e).__name__}: {e}")
-    return parse_stream(start, events, prompt_len)
-
-
 def completion_payload(args: argparse.Namespace, model: str, req: SampleRequest) -> dict[str, Any]:
     payload = {"model": model, "prompt": req.prompt, "max_tokens": req.expected_output_len,
                "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
@@ -117,52 +101,59 @@ def completion_payload(args: argparse.Namespace, model: str, req: SampleRequest)
 
 
 async def benchmark(
-    args: argparse.Namespace, client: httpx.AsyncClient, model: str, requests: list[SampleRequest]
-) -> tuple[list[RequestFuncOutput], float]:
-    """Sends every request at its arrival time, at most --max-concurrency in flight; returns outputs, duration."""
+    args: argparse.Namespace, client: CompletionClient, model: str, requests: list[SampleRequest]
+) -> tuple[list[RequestFuncOutput], float, float]:
+    """Sends every request at its arrival time, at most --max-concurrency in flight; returns the outputs, the
+    duration and the client's CPU time over it."""
     times = arrival_times(len(requests), args.request_rate, args.burstiness, random.Random(args.seed + 1))
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
     pbar = tqdm(total=len(requests), disable=args.disable_tqdm)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
     async def send(req: SampleRequest, at: float) -> RequestFuncOutput:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         async with limit:
-            out = await request_completion(client, args.endpoint, completion_payload(args, model, req), req.prompt_len)
+            out = await client.complete(args.endpoint, completion_payload(args, model, req), req.prompt_len)
         pbar.update(1)
         return out
 
     outputs = await asyncio.gather(*(send(r, t) for r, t in zip(requests, times, strict=True)))
-    duration = time.perf_counter() - start
+    duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pbar.close()
-    return list(outputs), duration
+    return list(outputs), duration, cpu
 
 
-async def server_defaults(client: httpx.AsyncClient, args: argparse.Namespace) -> tuple[str, int]:
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keeps the objects that exist before the run out of the garbage collector's full sweeps: with torch loaded
+    one sweep stalls the event loop for 0.2-0.4 s, and the stall would be counted as latency."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def server_defaults(client: CompletionClient, args: argparse.Namespace) -> tuple[str, int]:
     """The model name (first of GET /v1/models) and the vocabulary size (GET /tokenizer_info), unless given."""
     model = args.model
     if model is None:
         try:
-            response = await client.get("/v1/models")
-            response.raise_for_status()
-            model = response.json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            model = (await client.get_json("/v1/models"))["data"][0]["id"]
+        except (aiohttp.ClientError, ValueError, KeyError, IndexError, TypeError) as e:
             raise ConnectionError(f"no model name from {client.base_url}/v1/models ({e!r}); pass --model") from e
     vocab = args.random_vocab_size
     if vocab is None:
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            response = await client.get("/tokenizer_info")
-            vocab = response.json().get("vocab_size") if response.status_code == 200 else None
+        with contextlib.suppress(aiohttp.ClientError, ValueError, AttributeError):
+            vocab = (await client.get_json("/tokenizer_info")).get("vocab_size")
     return model, int(vocab or DEFAULT_VOCAB_SIZE)
 
 
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    # no pool limit of its own: --max-concurrency is the only cap, and waiting for a connection would count as TTFT
-    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(None), trust_env=True) as client:  # fmt: skip
+    async with CompletionClient(args.base_url, args.max_concurrency, headers) as client:
         model, vocab = await server_defaults(client, args)
         rng = random.Random(args.seed)
         requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
@@ -170,10 +161,11 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model {model!r}; {args.num_prompts} prompts of random ids in [0, {vocab}); "
               f"request rate {args.request_rate}, burstiness {args.burstiness}, "
               f"max concurrency {args.max_concurrency}")  # fmt: skip
-        outputs, duration = await benchmark(args, client, model, requests)
+        with frozen_heap():
+            outputs, duration, cpu = await benchmark(args, client, model, requests)
     selected = args.percentile_metrics.split(",")
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
-    metrics = calculate_metrics(outputs, duration, percentiles)
+    metrics = calculate_metrics(outputs, duration, cpu, percentiles)
     print(format_table(metrics, selected, args.max_concurrency, args.request_rate))
     setup = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai", "base_url": args.base_url,
              "endpoint": args.endpoint, "model_id": model, "num_prompts": args.num_prompts,

@@ -6,6 +6,8 @@
 - TPOT: (E2EL - TTFT) / (output tokens - 1), per request, only for requests of more than one output token.
 - Output tokens: `usage.completion_tokens` when the server sends usage, else the number of content chunks.
 - Throughputs: completed requests, output tokens, input + output tokens, each over the benchmark's duration.
+- Retries: requests resent once because their first connection failed before a status line (serve_client.py).
+- Client CPU time: the benchmark process's CPU time over the run; near the duration, the client was the bottleneck.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RequestFuncOutput:
     start_time: float = 0.0
     generated_text: str = ""
     error: str = ""
+    retries: int = 0
 
 
 def parse_stream(start: float, events: list[tuple[float, dict[str, Any]]], prompt_len: int) -> RequestFuncOutput:
@@ -96,8 +99,14 @@ class BenchmarkMetrics:
     failed: int
     total_input: int
     total_output: int
+    retries: int
     duration: float
+    client_cpu_time: float  # s of CPU (time.process_time) the client spent over `duration`
     latency_ms: dict[str, dict[str, float]]  # "ttft"/"tpot"/"itl"/"e2el" -> summarize(...)
+
+    @property
+    def client_cpu_fraction(self) -> float:
+        return self.client_cpu_time / self.duration
 
     @property
     def request_throughput(self) -> float:
@@ -112,7 +121,9 @@ class BenchmarkMetrics:
         return (self.total_input + self.total_output) / self.duration
 
 
-def calculate_metrics(outputs: list[RequestFuncOutput], duration: float, percentiles: list[float]) -> BenchmarkMetrics:
+def calculate_metrics(
+    outputs: list[RequestFuncOutput], duration: float, client_cpu_time: float, percentiles: list[float]
+) -> BenchmarkMetrics:
     ok = [o for o in outputs if o.success]
     series = {
         "ttft": [o.ttft for o in ok],
@@ -123,9 +134,11 @@ def calculate_metrics(outputs: list[RequestFuncOutput], duration: float, percent
     return BenchmarkMetrics(
         completed=len(ok),
         failed=len(outputs) - len(ok),
+        retries=sum(o.retries for o in outputs),
         total_input=sum(o.prompt_len for o in ok),
         total_output=sum(o.output_tokens for o in ok),
         duration=duration,
+        client_cpu_time=client_cpu_time,
         latency_ms={name: summarize(values, percentiles) for name, values in series.items()},
     )
 
@@ -139,11 +152,14 @@ def format_table(m: BenchmarkMetrics, selected: list[str], max_concurrency: int 
 
     row("Successful requests:", m.completed)
     row("Failed requests:", m.failed)
+    row("Retried requests:", m.retries)
     if max_concurrency is not None:
         row("Maximum request concurrency:", max_concurrency)
     if request_rate != math.inf:
         row("Request rate configured (RPS):", request_rate)
     row("Benchmark duration (s):", m.duration)
+    row("Client CPU time (s):", m.client_cpu_time)
+    row("Client CPU / duration (%):", 100 * m.client_cpu_fraction)
     row("Total input tokens:", m.total_input)
     row("Total generated tokens:", m.total_output)
     row("Request throughput (req/s):", m.request_throughput)
@@ -162,7 +178,8 @@ def format_table(m: BenchmarkMetrics, selected: list[str], max_concurrency: int 
 def result_json(m: BenchmarkMetrics, outputs: list[RequestFuncOutput], selected: list[str]) -> dict[str, Any]:
     """The figures under vLLM's result-file keys (mean_ttft_ms, p99_itl_ms, ...), with the per-request lists."""
     result: dict[str, Any] = {
-        "duration": m.duration, "completed": m.completed, "failed": m.failed,
+        "duration": m.duration, "completed": m.completed, "failed": m.failed, "retries": m.retries,
+        "client_cpu_time": m.client_cpu_time, "client_cpu_fraction": m.client_cpu_fraction,
         "total_input_tokens": m.total_input, "total_output_tokens": m.total_output,
         "request_throughput": m.request_throughput, "output_throughput": m.output_throughput,
         "total_token_throughput": m.total_token_throughput,
