@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from twinbatch.bench.step import overlap_efficiency
+from twinbatch.bench.step_report import overlap_efficiency
 
 
 def test_bench_step_reports_dbo_off_and_on() -> None:

@@ -13,7 +13,7 @@ import torch
 
 import twinbatch
 from twinbatch import LLM
-from twinbatch.bench.step import MIN_COMM_SHARE, overlap_efficiency
+from twinbatch.bench.step_report import MIN_COMM_SHARE, overlap_efficiency
 from twinbatch.config import ATTENTION_BACKENDS, MOE_BACKENDS, resolve_dtype
 from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.engine.arg_utils import EngineArgs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from twinbatch.entrypoints.openai.cli_args import add_serve_args
 from twinbatch.models.presets import BUILTIN_MODEL
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.ubatch.decision import Reason
+from twinbatch.version import __version__
 
 if TYPE_CHECKING:
     from twinbatch import LLM
@@ -141,8 +141,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinbatch", description="MoE inference with dual-batch overlap")
-    version = importlib.metadata.version("twinbatch")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     _add_generate(sub)
     server = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")

@@ -17,7 +17,6 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Any
 
 import uvicorn
@@ -44,6 +43,7 @@ from twinbatch.entrypoints.openai.serving_chat import OpenAIServingChat
 from twinbatch.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from twinbatch.models.presets import BUILTIN_MODEL
 from twinbatch.outputs import error_line
+from twinbatch.version import __version__
 
 logger = logging.getLogger(__name__)
 ENGINE_DEATH_EXIT_DELAY_S = 2.0  # failed requests' responses go out, and a scrape can see the zeroed gauges
@@ -78,7 +78,7 @@ def build_app(engine: AsyncLLM, options: ServerOptions, on_engine_death: Callabl
             watcher.cancel()
             engine.shutdown()
 
-    app = FastAPI(title="twinbatch", version=version("twinbatch"), lifespan=lifespan)
+    app = FastAPI(title="twinbatch", version=__version__, lifespan=lifespan)
     app.add_middleware(
         CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
         allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials,
@@ -96,7 +96,7 @@ def build_app(engine: AsyncLLM, options: ServerOptions, on_engine_death: Callabl
 
     @app.get("/version")
     async def server_version() -> dict[str, str]:
-        return {"version": version("twinbatch")}
+        return {"version": __version__}
 
     @app.get("/load")
     async def load() -> dict[str, int]:

@@ -1,0 +1,74 @@
+"""What `twinbatch bench step` prints and draws from a report: the table, the overlap efficiency where it can be
+measured, and the sweep chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Overlap efficiency is reported only where communication is at least this share of the DBO-off step (and the
+# time DBO could save exceeds the steps' spread, see overlap_efficiency): below it, the few milliseconds there are
+# to hide are within a step's run-to-run noise, and the ratio swings from near 100% to negative between runs.
+MIN_COMM_SHARE = 0.1
+
+
+def overlap_efficiency(report: dict[str, Any]) -> tuple[float | None, str]:
+    """(T_off - T_on) / (T_off - ideal) and its text, or None and why it is not measurable: communication under
+    MIN_COMM_SHARE of the DBO-off step, or a possible saving (T_off - ideal) within the spread (p90 - p10) of the
+    DBO-off or DBO-on steps, which no difference of their medians can resolve."""
+    off, on, ideal = report["dbo_off"], report["dbo_on"], report["ideal_ms"]
+    share = report["comm_only"]["median_ms"] / off["median_ms"]
+    if share < MIN_COMM_SHARE:
+        return None, f"n/a (communication is {share:.0%} of the step)"
+    saving, spread = off["median_ms"] - ideal, max(m["p90_ms"] - m["p10_ms"] for m in (off, on))
+    if saving <= 0:
+        return None, "n/a (microbatching adds more compute than there is communication to hide)"
+    if saving <= spread:
+        return None, f"n/a (DBO could save {saving:.2f} ms, within the steps' spread of {spread:.2f} ms)"
+    efficiency = (off["median_ms"] - on["median_ms"]) / saving
+    return efficiency, f"{efficiency:.0%}"
+
+
+def table(report: dict[str, Any]) -> str:
+    setup = report["setup"]
+    overrides = f" with overrides {setup['hf_overrides']}" if setup["hf_overrides"] else ""
+    lines = [f"model: {setup['model']}{overrides} ({setup['load_format']} weights)",
+             f"setup: {setup}",
+             f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'host ms':>9} {'tok/s':>10}"]  # fmt: skip
+    for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
+                 "comm_only"):  # fmt: skip
+        if name in report:
+            r = report[name]
+            ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} {r['host_median_ms']:9.2f}"
+            lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
+    if "speedup" in report:
+        lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
+                     f"{report['ideal_ms']:.2f} ms; overlap efficiency {overlap_efficiency(report)[1]}")  # fmt: skip
+    if "hbm_roofline_ms" in report:
+        lines.append(f"HBM roofline {report['hbm_roofline_ms']:.2f} ms; compute only (DBO off) is "
+                     f"{report['compute_only_vs_roofline']:.2f}x of it")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_sweep(reports: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--sweep draws its chart with matplotlib: pip install matplotlib") from None
+    tokens = [r["setup"]["tokens_per_rank"] for r in reports]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("dbo_off", "DBO off"), ("dbo_on", "DBO on")):
+        ax.plot(tokens, [r[key]["median_ms"] for r in reports], marker="o", label=label)
+    ax.plot(tokens, [r["ideal_ms"] for r in reports], linestyle="--", label="ideal max(compute, comm)")
+    ax.set(xscale="log", xlabel="tokens per rank", ylabel="median step time (ms)", title=_title(reports[0]))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def _title(report: dict[str, Any]) -> str:
+    s = report["setup"]
+    return f"{s['phase']}, DP={s['dp']} EP={s['dp']}, {s['backend']}, {s['device']}"
