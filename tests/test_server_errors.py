@@ -140,6 +140,12 @@ def test_bad_request_elsewhere(url: str, path: str, body: Any, status: int, para
     check_serves(url)
 
 
+def test_unknown_path_and_method_get_openai_bodies(url: str) -> None:
+    check_error(httpx.post(url + "/v1/nothing", json={}), 404, None, "Not Found")
+    r = httpx.get(url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed", r.text
+
+
 def test_body_over_the_limit_is_413(url: str) -> None:
     body = b'{"prompt": "' + b"x" * (32 << 20) + b'"}'
     check_error(send(url + "/v1/completions", body), 413, None, "larger than 33554432 bytes")

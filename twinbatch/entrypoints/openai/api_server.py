@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.async_llm import AsyncLLM
@@ -181,6 +182,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
         return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # an unknown path, a wrong method
+        return _error(OpenAIError(str(e.detail), e.status_code, "NotFoundError" if e.status_code == 404 else
+                                  "BadRequestError"))  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
