@@ -62,8 +62,9 @@ class RequestOutput:
     engine_index: int = 0  # the DP rank that runs the request
 
     @staticmethod
-    def failed(request_id: str, error: RequestError) -> RequestOutput:
-        return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], True, error=error)
+    def failed(request_id: str, error: RequestError, engine_index: int = 0) -> RequestOutput:
+        completion = CompletionOutput(0, "", [], "error")
+        return RequestOutput(request_id, None, [], [completion], True, error=error, engine_index=engine_index)
 
 
 _PATH = re.compile(r"(?:/[\w.~+-]+){2,}(?::\d+)?")

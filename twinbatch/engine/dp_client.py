@@ -71,7 +71,7 @@ class DPEngineClient:
                 kind, rank, *rest = self._recv(conn)
                 self.heard[rank] = time.monotonic()
                 if kind == "error":
-                    self._rank_failed(rank, *rest, while_="while starting")
+                    self._ranks_failed({rank: tuple(rest)}, " while starting")
                 if kind == "ready":
                     self.conns[rank] = conn
                     pending.discard(conn)
@@ -156,11 +156,7 @@ class DPEngineClient:
                 pid = f" (pid {self.procs[rank].pid})" if rank in self.procs else ""
                 self._fail(f"DP rank {rank}{pid} sent no heartbeat for {now - heard:.0f} s: it is stopped or hung")
 
-    def _rank_failed(self, rank: int, summary: str, trace: str, while_: str) -> None:
-        logger.error("DP rank %s failed %s:\n%s", rank, while_, trace)
-        self._fail(f"DP rank {rank} failed {while_}: {summary}")
-
-    def _ranks_failed(self, errors: dict[int, tuple[str, str]]) -> None:
+    def _ranks_failed(self, errors: dict[int, tuple[str, str]], when: str = "") -> None:
         """Fails with every rank's error: the first to arrive may be a peer's failure in a collective with the
         rank at fault, so errors arriving within PEER_ERRORS_S are all named."""
         deadline = time.monotonic() + PEER_ERRORS_S
@@ -176,8 +172,8 @@ class DPEngineClient:
                 if msg[0] == "error":
                     errors[msg[1]] = msg[2:]
         for rank, (_, trace) in sorted(errors.items()):
-            logger.error("DP rank %s failed:\n%s", rank, trace)
-        self._fail("; ".join(f"DP rank {rank} failed: {summary}" for rank, (summary, _) in sorted(errors.items())))
+            logger.error("DP rank %s failed%s:\n%s", rank, when, trace)
+        self._fail("; ".join(f"DP rank {r} failed{when}: {summary}" for r, (summary, _) in sorted(errors.items())))
 
     def _rank_of(self, conn: Connection) -> int | str:
         return next((r for r, c in self.conns.items() if c is conn), "?")

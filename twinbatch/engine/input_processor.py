@@ -29,17 +29,17 @@ class InputProcessor:
         params.verify()
         return (request_id, *self(prompt))
 
-    def __call__(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def __call__(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         """-> (prompt text or None, token ids); raises ValueError naming what is wrong."""
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self._tokenize(prompt, add_special_tokens)
         self._validate(token_ids)
         return text, token_ids
 
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: Prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt if isinstance(prompt, str) else None
         ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None if text is not None else prompt
         if ids is None and isinstance(text, str):
-            return text, self.encode(text)
+            return text, self.encode(text, add_special_tokens)
         if isinstance(ids, list | tuple) and all(isinstance(t, int) for t in ids):
             return text, list(ids)
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")

@@ -94,8 +94,9 @@ class LLMEngine:
         any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
         """
         batch = self.scheduler.schedule()
-        for s in batch.scheduled:
-            self._inject_fault("step", s.request.prompt_token_ids)
+        if self.faults:  # fault-injection tests only: no loop over the batch in a normal step
+            for s in batch.scheduled:
+                self._inject_fault("step", s.request.prompt_token_ids)
         parallel = self.config.parallel
         no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
         decode_only = all(s.num_new_tokens == 1 for s in batch.scheduled)
@@ -151,12 +152,10 @@ class LLMEngine:
             return self.failed_output(req.request_id, RequestError(error_line(e), bad_input=False))
 
     def failed_output(self, request_id: str, error: RequestError) -> RequestOutput:
-        out = RequestOutput.failed(request_id, error)
-        out.engine_index = self.config.parallel.data_parallel_rank
-        return out
+        return RequestOutput.failed(request_id, error, self.config.parallel.data_parallel_rank)
 
     def _inject_fault(self, stage: str, token_ids: list[int]) -> None:
-        if any(at == stage and token in token_ids for at, token in self.faults):
+        if self.faults and any(at == stage and token in token_ids for at, token in self.faults):
             raise RuntimeError(f"injected fault (TWINBATCH_REQUEST_FAULT) at {stage}")
 
     def _sample_logprobs(self, sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:

@@ -65,11 +65,7 @@ class OpenAIServingChat(OpenAIServing):
     def _requests(self, req: ChatCompletionRequest) -> list[EngineRequest]:
         """The chat template and tokenization (on the tokenizer thread) -> one engine request per choice."""
         prompt = self.apply_chat_template(req.messages, req.add_generation_prompt, req.chat_template)
-        try:
-            token_ids = self.engine.process_input.encode(prompt, add_special_tokens=False)  # the template has BOS
-        except ValueError as e:
-            raise OpenAIError(str(e), param="messages") from None
-        _, token_ids = self.process_prompt(token_ids, param="messages")
+        _, token_ids = self.process_prompt(prompt, "messages", add_special_tokens=False)  # the template has BOS
         max_tokens = self.max_tokens(req.max_completion_tokens or req.max_tokens, len(token_ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         base = random_id("chatcmpl")

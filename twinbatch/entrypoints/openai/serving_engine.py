@@ -79,9 +79,11 @@ class OpenAIServing:
                               "NotFoundError", param="model")  # fmt: skip
         return model
 
-    def process_prompt(self, prompt: str | list[int], param: str = "prompt") -> tuple[str | None, list[int]]:
+    def process_prompt(
+        self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
         try:
-            return self.engine.process_input(prompt)
+            return self.engine.process_input(prompt, add_special_tokens)
         except ValueError as e:
             raise OpenAIError(str(e), param=param) from None
 
