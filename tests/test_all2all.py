@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, ExpertInput
-from twinbatch.distributed.all2all.base import cumsum_rows
-from twinbatch.forward_context import ForwardContext
+from twinbatch.config.model import ModelConfig
+from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, ExpertInput, make_all2all
+from twinbatch.layers.forward_context import ForwardContext
 from twinbatch.layers.moe import ExpertPlacement, Experts, MoE
-from twinbatch.models.hf_config import ModelConfig
 from twinbatch.models.loader import init_dummy_weights
 from twinbatch.models.presets import PRESETS
+from twinbatch.ops import cumsum_rows
 
 WORLD, E, H, FFN, K = 2, 8, 32, 16, 2
 ALL, LOW, HIGH = range(E), range(E // 2), range(E // 2, E)  # LOW: rank 0's experts, HIGH: rank 1's
@@ -163,7 +163,7 @@ def _moe_worker(rank: int) -> None:
     n_local = cfg.num_experts // WORLD
     mine = slice(rank * n_local, (rank + 1) * n_local)
     for name in BACKENDS:
-        ep = MoE(cfg, ExpertPlacement(rank, WORLD, dist.group.WORLD, name))
+        ep = MoE(cfg, ExpertPlacement(rank, WORLD, make_all2all(name, dist.group.WORLD, cfg.num_experts)))
         init_dummy_weights(ep, seed=3)
         full_params = dict(full.named_parameters())
         for pname, p in ep.named_parameters():

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_parallel import MAX_TOKENS, PROMPTS, greedy
-from test_dbo import LONG
+from helpers import DP_MAX_TOKENS, DP_PROMPTS, LONG, greedy
 from torch._dynamo.utils import counters
 
 from twinbatch import LLM, SamplingParams, compilation
@@ -48,7 +47,7 @@ def eager_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("eager_backend")
 def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request: pytest.FixtureRequest) -> None:
     model_dir = request.getfixturevalue(model_fixture)
-    expected = greedy(LLM(str(model_dir), compilation_config="0", **FAST), PROMPTS, MAX_TOKENS)
+    expected = greedy(LLM(str(model_dir), compilation_config="0", **FAST), DP_PROMPTS, DP_MAX_TOKENS)
     llm = LLM(str(model_dir), compilation_config="3", **FAST)
     assert llm.llm_engine.model_runner.model.model.compiled_layer is not None
     graphs = counters["stats"]["unique_graphs"]
@@ -56,7 +55,7 @@ def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request
     # step kind (decode or prefill), compiled at build (each model has 2 layer kinds and 3 layers here,
     # V2-Lite 27)
     assert 0 < graphs <= 20, f"{graphs} compiled graphs"
-    assert greedy(llm, PROMPTS, MAX_TOKENS) == expected  # decode batches of 5 down to 1 request
+    assert greedy(llm, DP_PROMPTS, DP_MAX_TOKENS) == expected  # decode batches of 5 down to 1 request
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled again"
 
 
@@ -106,8 +105,7 @@ def test_a_compile_failure_says_how_to_turn_compilation_off(monkeypatch: pytest.
 def test_expert_sort_is_a_stable_argsort(compiled: bool) -> None:
     """Eager: a radix sort; compiled: a rank sort (equal ids before each pair). Both must give the stable order of
     the ids (other ranks' experts, ids >= num_experts, last) and each expert's end row."""
-    from twinbatch.distributed.all2all.base import count_ids
-    from twinbatch.layers.moe import sort_by_expert
+    from twinbatch.ops import count_ids, sort_by_expert
 
     sort = torch.compile(sort_by_expert, backend="eager", dynamic=True) if compiled else sort_by_expert
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +126,7 @@ def test_compiled_exchange_compiles_once(backend: str) -> None:
 
     from twinbatch.distributed.all2all import make_all2all
     from twinbatch.engine.launcher import free_port
-    from twinbatch.forward_context import ForwardContext
+    from twinbatch.layers.forward_context import ForwardContext
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -136,8 +134,10 @@ def test_compiled_exchange_compiles_once(backend: str) -> None:
 
         def moe(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
             ids = torch.ones(x.shape[0], 2, dtype=torch.long)  # both choices: expert 1, on this rank
-            recv, handle, _ = exchange.dispatch(x, torch.ones(x.shape[0], 2), ids, ctx)
-            return exchange.combine(recv.x * 2, handle, ctx)
+            handle = exchange.dispatch_launch(x, torch.ones(x.shape[0], 2), ids, ctx.max_tokens_across_dp)
+            recv = exchange.dispatch_wait(handle)
+            exchange.combine_launch(recv.x * 2, handle)
+            return exchange.combine_wait(handle)
 
         compiled = torch.compile(moe, backend="eager", dynamic=True)
         for step in range(6):
@@ -157,7 +157,7 @@ def test_padding_tokens_form_requests_only_when_asked(
 ) -> None:
     """Five padding tokens: of no request (a microbatched step padded to the largest rank), one-token requests
     (decode graphs), or two-token requests, the last one shorter (the compile warm-up's prefill steps)."""
-    from twinbatch.worker.scheduler import SchedulerOutput
+    from twinbatch.core.scheduler import SchedulerOutput
 
     runner = LLM(str(dsv2_dir), max_model_len=128).llm_engine.model_runner
     attn = runner.prepare_inputs(SchedulerOutput(), num_padded_tokens=5, pad_requests=request_len).attn

@@ -11,26 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DP_MAX_TOKENS, DP_PROMPTS, greedy, running
 
-from twinbatch import LLM, SamplingParams
+from twinbatch import LLM
 from twinbatch.engine.dp_client import HEARTBEAT_TIMEOUT_S
 from twinbatch.engine.launcher import free_port
 
-PROMPTS = [[5, 17, 42, 7, 99], list(range(30, 47)), [(i * 37) % 250 + 2 for i in range(30)], [9, 8], [3] * 12]
-MAX_TOKENS = [24, 4, 16, 6, 20]  # ranks finish at different steps, then idle while the other decodes
 TEXT = ["Hello", "The capital of France is", "abc"]
 CLI_ARGS = ["--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel", "--max-tokens", "8"]
-
-
-def greedy(llm: LLM, prompts: list, max_tokens: list[int]) -> list[list[int]]:
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
 def reference(dsv2_dir: Path) -> dict[str, list[list[int]]]:
     llm = LLM(str(dsv2_dir), max_model_len=128)
-    return {"batch": greedy(llm, PROMPTS, MAX_TOKENS), "single": greedy(llm, PROMPTS[2:3], [12])}
+    return {"batch": greedy(llm, DP_PROMPTS, DP_MAX_TOKENS), "single": greedy(llm, DP_PROMPTS[2:3], [12])}
 
 
 @pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all", "all2allv"])
@@ -38,10 +32,10 @@ def test_dp2_ep2_matches_one_process(dsv2_dir: Path, reference: dict, backend: s
     llm = LLM(str(dsv2_dir), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
               all2all_backend=backend)  # fmt: skip
     try:
-        assert greedy(llm, PROMPTS, MAX_TOKENS) == reference["batch"]
+        assert greedy(llm, DP_PROMPTS, DP_MAX_TOKENS) == reference["batch"]
         if backend == "all2all":  # a caller away longer than the heartbeat timeout does not make a rank "silent"
             time.sleep(HEARTBEAT_TIMEOUT_S + 2)
-        assert greedy(llm, PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
+        assert greedy(llm, DP_PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
     finally:
         llm.shutdown()
 
@@ -56,11 +50,11 @@ def six_expert_checkpoint(dsv2_dir: Path, tmp_path: Path) -> Path:
 
 def test_dp3_matches_one_process(dsv2_dir: Path, tmp_path: Path) -> None:
     model = str(six_expert_checkpoint(dsv2_dir, tmp_path))
-    expected = greedy(LLM(model, load_format="dummy", max_model_len=128), PROMPTS, MAX_TOKENS)
+    expected = greedy(LLM(model, load_format="dummy", max_model_len=128), DP_PROMPTS, DP_MAX_TOKENS)
     llm = LLM(model, load_format="dummy", max_model_len=128, data_parallel_size=3, enable_expert_parallel=True,
               all2all_backend="all2all")  # fmt: skip
     try:
-        assert greedy(llm, PROMPTS, MAX_TOKENS) == expected
+        assert greedy(llm, DP_PROMPTS, DP_MAX_TOKENS) == expected
     finally:
         llm.shutdown()
 
@@ -136,14 +130,6 @@ def test_workers_exit_when_the_front_end_dies(dsv2_dir: Path) -> None:
     while any(map(running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(map(running, pids))
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's exit may go unreaped in a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def children(pid: int) -> list[int]:

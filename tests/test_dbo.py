@@ -3,23 +3,20 @@
 import dataclasses
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_data_parallel import MAX_TOKENS, PROMPTS, greedy, running
+from helpers import DP_MAX_TOKENS, DP_PROMPTS, LONG, greedy, record_logits, running
 
 from twinbatch import LLM
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
 from twinbatch.engine.llm_engine import LLMEngine
-from twinbatch.sampling_params import SamplingParams
 
 BACKENDS = ["allgather_reducescatter", "all2all", "all2allv"]
-LONG = [[(i * 13 + j) % 250 + 2 for j in range(n)] for i, n in enumerate((45, 60, 38, 52))]  # straddle the cuts
 
 
 def dbo_llm(model_dir: Path, backend: str = "all2all", n: int = 2, decode: int = 2, prefill: int = 2,
@@ -49,7 +46,7 @@ def test_dbo_on_matches_off(dsv2_dir: Path, one_process: LLM, backend: str, n: i
     cut inside a request, and a run where rank 1 has no request at all."""
     llm = dbo_llm(dsv2_dir, backend, n, decode=n, prefill=n, max_num_batched_tokens=24)
     try:
-        for prompts, max_tokens in ((PROMPTS, [1] * 5), (PROMPTS, MAX_TOKENS), (LONG, [8] * 4)):
+        for prompts, max_tokens in ((DP_PROMPTS, [1] * 5), (DP_PROMPTS, DP_MAX_TOKENS), (LONG, [8] * 4)):
             tokens, steps = run(llm, prompts, max_tokens)
             assert tokens == greedy(one_process, prompts, max_tokens)
         # requests reach the two ranks at slightly different steps, so only the decode runs surely microbatch
@@ -66,7 +63,7 @@ def test_dbo_on_matches_off_with_the_batched_kernels(dsv2_dir: Path) -> None:
     """The GPU's kinds of kernels on CPU: batched decode attention, whose mixed steps (chunked prefill beside
     decodes, requests cut between microbatches) send their one-token requests to it, and grouped-GEMM experts."""
     fast = {"attention_backend": "batched", "moe_backend": "grouped_mm", "max_num_batched_tokens": 24}
-    prompts, max_tokens = LONG + PROMPTS[:2], [8, 6, 8, 6, 10, 4]
+    prompts, max_tokens = LONG + DP_PROMPTS[:2], [8, 6, 8, 6, 10, 4]
     off = LLM(str(dsv2_dir), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
               all2all_backend="all2all", **fast)  # fmt: skip
     try:
@@ -105,7 +102,7 @@ def test_injected_fault_ends_with_a_clear_error(dsv2_dir: Path, monkeypatch: pyt
     procs = llm.llm_engine.procs
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"microbatch 1 failed after yield 3 \(dispatch\)"):
-        greedy(llm, [PROMPTS[0]] * 6, [10] * 6)  # even load: the decode steps microbatch
+        greedy(llm, [DP_PROMPTS[0]] * 6, [10] * 6)  # even load: the decode steps microbatch
     assert time.monotonic() - start < 60
     assert not any(running(p.pid) for p in procs.values())
 
@@ -123,32 +120,11 @@ def _logits_on_and_off(rank: int, port: int, model_dir: str) -> None:
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank))
     state = init_distributed(config.parallel, config.device)
     off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, enable_dbo=False))
-    logits = [_record(LLMEngine(c, state), LONG[rank::2], [8, 8]) for c in (off, config)]
+    logits = [record_logits(LLMEngine(c, state), LONG[rank::2], [8, 8]) for c in (off, config)]
     assert logits[0].keys() == logits[1].keys()
     for rid in logits[0]:
         torch.testing.assert_close(logits[1][rid], logits[0][rid], atol=1e-4, rtol=0)
     destroy_distributed()
-
-
-def _record(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, torch.Tensor]:
-    rows: dict[str, list[torch.Tensor]] = defaultdict(list)
-    execute = engine.model_runner.execute_model
-
-    def recording(batch, *args):
-        out = execute(batch, *args)
-        for s, row in zip([s for s in batch.scheduled if s.completes_prefill], out.logits, strict=True):
-            rows[s.request.request_id].append(row.clone())
-        return out
-
-    engine.model_runner.execute_model = recording
-    for p, n in zip(prompts, max_tokens, strict=True):
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-    for _ in range(max(max_tokens) + 4):  # every rank steps the same number of times
-        engine.step()
-    assert not engine.has_unfinished_requests()
-    if engine.config.parallel.enable_dbo:
-        assert engine.dbo_stats["microbatched"] > 0, engine.dbo_stats
-    return {rid: torch.stack(r) for rid, r in rows.items()}
 
 
 def test_logits_equal_with_dbo_on_and_off(dsv2_dir: Path) -> None:

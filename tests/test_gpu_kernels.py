@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_parallel import greedy
-from test_gpu import assert_close_until_a_tie
-from test_hf_parity import run_recording
-from test_triton_decode import make_cache, reference
+from helpers import assert_close_until_a_tie, greedy, make_cache, make_meta, packed, reference, run_recording
 
 from twinbatch import LLM
+from twinbatch.config.model import ModelConfig
 from twinbatch.layers.attention import AttentionMetadata
 from twinbatch.layers.moe import Experts
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.deepseek_v2 import DeepseekV2Attention
-from twinbatch.models.hf_config import ModelConfig
 from twinbatch.models.presets import PRESETS
 from twinbatch.models.qwen3_moe import Qwen3MoeAttention
 
@@ -220,12 +217,9 @@ def test_packed_flash_attention_matches_the_loop(qk_dim: int, v_dim: int, kv_hea
     """The packed layout of prefill graphs (variable-length flash, v padded for MLA) against the per-request
     SDPA loop in bfloat16: prefill chunks on cached context, decodes, padding tokens and empty request rows,
     whole and cut into microbatches; then the same captured in a CUDA graph and replayed."""
-    from test_packed_prefill import packed
-    from test_ubatch_split import make_meta
-
+    from twinbatch.core.step_plan import ubatch_bounds
     from twinbatch.layers.attention import paged_attention_reference, write_kv
-    from twinbatch.ubatch.decision import ubatch_bounds
-    from twinbatch.ubatch.split import packed_slices, slice_requests, split_attention_metadata
+    from twinbatch.worker.ubatch.split import packed_slices, slice_requests, split_attention_metadata
 
     context, new = [0, 300, 33, 0, 90, 200], [200, 1, 64, 1, 129, 1]  # 36 blocks of 32 (make_meta has 63)
     meta = make_meta(context, new, pad=13, block=32)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import HF_PROMPTS, assert_matches_hf, make_llm, run_recording
 from safetensors.torch import load_file, save_file
-from test_hf_parity import PROMPTS, assert_matches_hf, make_llm, run_recording
 from tokenizers import Tokenizer
 
 from twinbatch import LLM, SamplingParams
-from twinbatch.models.causal_lm import CausalLM
-from twinbatch.models.hf_config import ModelConfig
+from twinbatch.config.model import ModelConfig
+from twinbatch.models.causal_lm import CausalLM, ModelOptions
 from twinbatch.models.loader import build_model
 from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 from twinbatch.tokenizer import builtin_tokenizer_dir
@@ -81,7 +81,7 @@ def test_old_style_config_keys_match_hf(request: pytest.FixtureRequest, tmp_path
     old = json.loads((old_dir / "config.json").read_text())
     assert "rope_parameters" not in old and "dtype" not in old and "rope_theta" in old
     assert ModelConfig.from_pretrained(old_dir) == ModelConfig.from_pretrained(model_dir)
-    assert_matches_hf(model_dir, make_llm(old_dir), PROMPTS)
+    assert_matches_hf(model_dir, make_llm(old_dir), HF_PROMPTS)
 
 
 @pytest.mark.parametrize("fixture", ["dsv2_dir", "dsv3_dir", "qwen3_dir"])
@@ -92,8 +92,8 @@ def test_packed_experts_load_like_per_expert(request: pytest.FixtureRequest, tmp
     assert any(k.endswith("experts.gate_up_proj") for k in packed)
     assert not any(_EXPERT_KEY.match(k) for k in packed)
     save_file(packed, packed_dir / "model.safetensors")
-    ref_tokens, ref_logits, _ = run_recording(make_llm(model_dir), PROMPTS)
-    tokens, logits, _ = run_recording(make_llm(packed_dir), PROMPTS)
+    ref_tokens, ref_logits, _ = run_recording(make_llm(model_dir), HF_PROMPTS)
+    tokens, logits, _ = run_recording(make_llm(packed_dir), HF_PROMPTS)
     assert tokens == ref_tokens
     for ours, ref in zip(logits, ref_logits, strict=True):
         assert torch.equal(ours, ref)
@@ -106,7 +106,7 @@ def test_dummy_weights_need_no_checkpoint_and_follow_the_seed(dsv2_dir: Path, tm
         make_llm(bare)
     llms = [make_llm(bare, load_format="dummy", seed=seed) for seed in (7, 7, 8)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    tokens = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)] for llm in llms]
+    tokens = [[o.outputs[0].token_ids for o in llm.generate(HF_PROMPTS, params, use_tqdm=False)] for llm in llms]
     assert tokens[0] == tokens[1]
     assert all(len(t) == params.max_tokens for t in tokens[0])
     base, same, changed = (engine_state(llm) for llm in llms)
@@ -118,7 +118,7 @@ def test_dummy_values_do_not_depend_on_other_tensors(dsv2_dir: Path) -> None:
     cfg = ModelConfig.from_pretrained(dsv2_dir)
     part_cfg = replace(cfg, num_hidden_layers=2, moe_layers=cfg.moe_layers[:2], num_experts=4)
     full, part = (
-        build_model(c, 16, torch.float32, torch.device("cpu"), None, "dummy", seed=3).state_dict()
+        build_model(c, ModelOptions(16), torch.float32, torch.device("cpu"), None, "dummy", seed=3).state_dict()
         for c in (cfg, part_cfg)
     )
     for name, tensor in part.items():
@@ -146,7 +146,7 @@ def test_v2_lite_preset_has_15_7b_parameters() -> None:
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
     with torch.device("meta"):
-        ours = CausalLM(ModelConfig.from_dict(PRESETS[V2_LITE]), 16)
+        ours = CausalLM(ModelConfig.from_dict(PRESETS[V2_LITE]), ModelOptions(16))
         hf = AutoModelForCausalLM.from_config(DeepseekV2Config(**PRESETS[V2_LITE]))
     count = sum(p.numel() for p in ours.parameters())
     assert abs(count - 15.7e9) < 0.02 * 15.7e9

@@ -8,7 +8,7 @@ import torch
 from hf_oracle import hf_logits
 
 from twinbatch import LLM, SamplingParams
-from twinbatch.engine.detokenizer import IncrementalDetokenizer
+from twinbatch.core.detokenizer import IncrementalDetokenizer
 
 PROMPTS = [[5, 17, 42, 7, 99, 3, 250, 11], list(range(30, 53)), [9]]
 

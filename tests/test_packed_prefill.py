@@ -5,43 +5,26 @@ what the per-request loop gives, whole and microbatched."""
 
 import dataclasses
 import os
-import types
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_dbo import LONG, _record
-from test_ubatch_split import MIXED, make_meta, run_attention
+from helpers import LONG, MIXED, make_meta, packed, record_logits, run_attention
 
+from twinbatch.config import ParallelConfig
+from twinbatch.core.dp_sync import StepSync
+from twinbatch.core.request import Request
+from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
+from twinbatch.core.step_plan import GraphBuckets, GraphStep, StepPlan, StepPlanner, _prefill_buckets, ubatch_bounds
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
 from twinbatch.engine.llm_engine import LLMEngine
-from twinbatch.engine.request import Request
-from twinbatch.forward_context import ForwardContext
-from twinbatch.layers.attention import AttentionMetadata
+from twinbatch.layers.forward_context import ForwardContext
 from twinbatch.sampling_params import SamplingParams
-from twinbatch.ubatch.decision import ubatch_bounds
-from twinbatch.worker.dp_sync import StepSync
-from twinbatch.worker.graph_runner import _power_of_two_buckets, _prefill_buckets
-from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunnerOutput
-from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
-
-
-def packed(meta: AttentionMetadata, empty_rows: int, spare: int) -> AttentionMetadata:
-    """meta in the packed layout: `empty_rows` request rows with no tokens appended (a graph's padding rows),
-    the context bound `spare` rows past the sum of seq_lens."""
-    zeros = torch.zeros(empty_rows, dtype=torch.int32, device=meta.seq_lens.device)
-    return dataclasses.replace(
-        meta,
-        query_start_loc=torch.cat([meta.query_start_loc, meta.query_start_loc[-1:].repeat(empty_rows)]),
-        seq_lens=torch.cat([meta.seq_lens, zeros]),
-        block_tables=torch.cat([meta.block_tables, zeros[:, None].expand(-1, meta.block_tables.shape[1])]),
-        context_bound=int(meta.seq_lens.sum()) + spare,
-    )
 
 
 @pytest.mark.parametrize(("empty_rows", "spare"), [(0, 0), (3, 5)])
@@ -64,27 +47,33 @@ def test_packed_attention_oracle_detects_a_short_context_bound() -> None:
     assert not torch.allclose(run_attention(short, None), run_attention(meta, None), atol=1e-3)
 
 
-def packed_steps(sync: StepSync) -> GraphStep | None:
+class PackedPlanner(StepPlanner):
     """Every step with a prefill runs in the packed layout, its context bound the next power of two past its
     contexts: looser than the engine's rule on GPU (both within the token budget), so that chunks on long cached
-    contexts take it too."""
-    if all(sync.decode_only):
-        return None
-    need = max(sync.max_tokens, *sync.context_tokens)
-    return GraphStep(sync.max_tokens, prefill=True, context=1 << (need - 1).bit_length())
+    contexts take it too. Where there are no graphs (CPU) it runs eagerly."""
+
+    def graph(self, sync: StepSync) -> GraphStep | None:
+        if all(sync.decode_only):
+            return None
+        need = max(sync.max_tokens, *sync.context_tokens)
+        return GraphStep(sync.max_tokens, prefill=True, context=1 << (need - 1).bit_length())
+
+
+def packed_steps(engine: LLMEngine) -> None:
+    engine.planner = PackedPlanner(engine.config.parallel)
 
 
 def engine_logits(model_dir: Path, step: Callable | None, **kw: object) -> dict[str, torch.Tensor]:
     """Every sampled row's logits, by request, from one process."""
     engine = LLMEngine(EngineArgs(model=str(model_dir), max_model_len=128, **kw).create_engine_config())
     if step is not None:
-        engine._graph_step = step
+        step(engine)
     rows: dict[str, list[torch.Tensor]] = {}
     execute = engine.model_runner.execute_model
 
-    def recording(batch: SchedulerOutput, *args: object) -> ModelRunnerOutput:
-        out = execute(batch, *args)
-        for s, row in zip([s for s in batch.scheduled if s.completes_prefill], out.logits, strict=True):
+    def recording(plan: StepPlan) -> ModelRunnerOutput:
+        out = execute(plan)
+        for s, row in zip([s for s in plan.batch.scheduled if s.completes_prefill], out.logits, strict=True):
             rows.setdefault(s.request.request_id, []).append(row.clone())
         return out
 
@@ -120,8 +109,8 @@ def _packed_under_dbo(rank: int, port: int, model_dir: str) -> None:
     for c, step in ((off, None), (config, packed_steps)):
         engine = LLMEngine(c, state)
         if step is not None:
-            engine._graph_step = step
-        logits.append(_record(engine, LONG[rank::2], [8, 8]))
+            step(engine)
+        logits.append(record_logits(engine, LONG[rank::2], [8, 8]))
     assert logits[0].keys() == logits[1].keys()
     for rid in logits[0]:
         torch.testing.assert_close(logits[1][rid], logits[0][rid], atol=1e-4, rtol=0)
@@ -139,7 +128,7 @@ def test_an_idle_rank_dummy_step_in_the_packed_layout(dsv2_dir: Path) -> None:
     but one empty row: its attention reads nothing and gives zeros, never NaN from an empty softmax."""
     engine = LLMEngine(EngineArgs(model=str(dsv2_dir), max_model_len=128).create_engine_config())
     runner = engine.model_runner
-    inputs = runner.prepare_inputs(SchedulerOutput(), packed=GraphStep(16, prefill=True))
+    inputs = runner.prepare_inputs(SchedulerOutput(), packed=GraphStep(16, prefill=True, context=16))
     assert (inputs.attn.num_reqs, inputs.attn.num_tokens, inputs.attn.context_bound) == (1, 16, 16)
     assert inputs.attn.seq_lens.tolist() == [0] and inputs.attn.query_start_loc.tolist() == [0, 0]
     with torch.inference_mode():
@@ -177,19 +166,15 @@ def test_prefill_buckets() -> None:
     ("tokens", "decode_only", "context", "want"),
     [
         ([5, 3], [True, True], [900, 500], GraphStep(8)),  # decodes: a decode graph, whatever their contexts
-        ([40, 1], [False, True], [40, 30], GraphStep(64, prefill=True)),  # contexts fit: a prefill graph
-        ([40, 0], [False, True], [40, 0], GraphStep(64, prefill=True)),  # an idle rank joins it
+        ([40, 1], [False, True], [40, 30], GraphStep(64, prefill=True, context=64)),  # contexts fit: a prefill graph
+        ([40, 0], [False, True], [40, 0], GraphStep(64, prefill=True, context=64)),  # an idle rank joins it
         ([40, 1], [False, True], [40, 900], None),  # a rank's contexts past the budget: eager
-        ([300, 300], [True, True], [300, 300], GraphStep(512, prefill=True)),  # past the decode buckets
+        ([300, 300], [True, True], [300, 300], GraphStep(512, prefill=True, context=512)),  # past the decode buckets
     ],
 )
 def test_engine_graph_rule(tokens: list[int], decode_only: list[bool], context: list[int],
                            want: GraphStep | None) -> None:  # fmt: skip
     """The rule every DP rank applies to the same synced numbers (budget 512 tokens, 256 decode rows)."""
-    graphs = types.SimpleNamespace(
-        batch_bucket=lambda n: next((b for b in _power_of_two_buckets(256) if b >= n), None),
-        prefill_bucket=lambda n: next((b for b in _prefill_buckets(512) if b >= n), None),
-    )
-    engine = types.SimpleNamespace(model_runner=types.SimpleNamespace(graphs=graphs))
+    planner = StepPlanner(ParallelConfig(), GraphBuckets(256, 4096, 512))
     sync = StepSync(tokens, [False] * 2, decode_only, context, False)
-    assert LLMEngine._graph_step(engine, sync) == want
+    assert planner.graph(sync) == want

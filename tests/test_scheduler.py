@@ -14,10 +14,10 @@ import pytest
 
 from twinbatch import LLM, SamplingParams
 from twinbatch.config import SchedulerConfig
+from twinbatch.core.block_manager import BlockManager
+from twinbatch.core.request import Request, RequestStatus
+from twinbatch.core.scheduler import Scheduler, SchedulerOutput
 from twinbatch.engine.llm_engine import LLMEngine
-from twinbatch.engine.request import Request, RequestStatus
-from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
@@ -31,7 +31,7 @@ def make_scheduler(
     max_num_batched_tokens: int = 32,
     max_model_len: int = 64,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
+    config = SchedulerConfig(max_num_batched_tokens, max_model_len, max_num_seqs)
     return Scheduler(config, BlockManager(num_blocks, block_size))
 
 

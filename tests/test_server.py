@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metrics, post
 
 from twinbatch import LLM, SamplingParams
 from twinbatch.entrypoints.openai.serving_chat import DEFAULT_CHAT_TEMPLATE
@@ -30,12 +30,6 @@ def url(builtin_server: str) -> str:
     return builtin_server
 
 
-def post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = httpx.post(url + path, json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def stream(url: str, path: str, body: dict[str, Any]) -> list[Any]:
     """The events of a streamed response: parsed JSON objects, and the final "[DONE]"."""
     events = []
@@ -47,15 +41,6 @@ def stream(url: str, path: str, body: dict[str, Any]) -> list[Any]:
                 events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     return events[:-1]
-
-
-def metrics(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {
-        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def greedy(llm: LLM, prompts: list, max_tokens: int, **kwargs: Any) -> list:

@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import metrics, post
 from hf_oracle import hf_logits
 from openai_server import gauges, launch_server, server_process
-from test_server import metrics, post
 
 from twinbatch import LLM, SamplingParams
 

@@ -6,44 +6,15 @@ Triton reads TRITON_INTERPRET when it is imported (its own library functions are
 run in one worker process started with it set; this process (and a GPU run of the suite) keeps compiled Triton.
 """
 
-import multiprocessing
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-
-from twinbatch.layers.attention import AttentionMetadata, paged_attention_reference
+from helpers import HF_PROMPTS, Interpreter, assert_matches_hf, make_cache, make_llm, reference, widen_bf16_dot
 
 pytest.importorskip("triton")
-
-Interpreter = Callable[..., Any]
-
-
-def _widen_bf16_dot() -> None:
-    """Triton 3.8's interpreter multiplies bfloat16 operands as their raw uint16 storage; widen them to float32
-    first (exact, as the GPU's bf16 MMA with fp32 accumulation is)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    dot = InterpreterBuilder.create_dot
-    if getattr(dot, "widens_bf16", False):
-        return
-
-    def widen(x: TensorHandle) -> TensorHandle:
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self: InterpreterBuilder, a: TensorHandle, b: TensorHandle, *rest: Any) -> TensorHandle:
-        return dot(self, widen(a), widen(b), *rest)
-
-    create_dot.widens_bf16 = True  # type: ignore[attr-defined]
-    InterpreterBuilder.create_dot = create_dot
 
 
 def _kernel(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -51,58 +22,8 @@ def _kernel(name: str, *args: Any, **kwargs: Any) -> Any:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from twinbatch.layers import triton_decode
 
-    _widen_bf16_dot()
+    widen_bf16_dot()
     return getattr(triton_decode, name)(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[Interpreter]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")  # for the worker, which inherits it at its start
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(os.getpid).result()
-    with pool:
-        yield lambda fn, *args, **kwargs: pool.submit(fn, *args, **kwargs).result(timeout=300)
-
-
-def make_cache(
-    entry: tuple[int, ...],
-    block_size: int,
-    seq_lens: list[int],
-    num_padding: int,
-    dtype: torch.dtype,
-    max_seq_len: int | None = None,
-    device: str = "cpu",
-) -> tuple[torch.Tensor, AttentionMetadata]:
-    """A NaN-filled cache with each request's entries in shuffled, non-contiguous blocks, followed by num_padding
-    CUDA-graph padding requests (one token, block 0). max_seq_len: the host bound (a graph's context bucket)."""
-    torch.manual_seed(len(seq_lens) * 1000 + block_size)
-    need = [-(-s // block_size) for s in seq_lens]
-    num_blocks = 2 * sum(need) + 2
-    cache = torch.full((num_blocks, block_size, *entry), float("nan"), dtype=dtype, device=device)
-    cache[0, 0] = torch.randn(entry)  # padding tokens write slot 0 before attention reads it
-    free = torch.randperm(num_blocks - 1, dtype=torch.int32) + 1
-    table = torch.zeros(len(seq_lens) + num_padding, max(need) + 3, dtype=torch.int32)
-    for i, (n, s) in enumerate(zip(need, seq_lens, strict=True)):
-        table[i, :n], free = free[:n], free[n:]
-        slots = (table[i, :n, None] * block_size + torch.arange(block_size)).flatten()[:s]
-        cache.view(-1, *entry)[slots.to(device)] = torch.randn(s, *entry, dtype=dtype, device=device)
-    lens = torch.tensor(seq_lens + [1] * num_padding, dtype=torch.int32)
-    meta = AttentionMetadata(
-        query_start_loc=torch.arange(lens.shape[0] + 1, dtype=torch.int32, device=device), seq_lens=lens.to(device),
-        block_tables=table.to(device), slot_mapping=torch.zeros(lens.shape[0], dtype=torch.int64, device=device),
-        block_size=block_size, decode_only=True, max_seq_len=max_seq_len or max(seq_lens),
-    )  # fmt: skip
-    return cache, meta
-
-
-def reference(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float, v_dim: int, mla: bool):
-    """The per-request SDPA oracle in float32. MLA: one kv head whose key is the whole entry, value its latent."""
-
-    def expand(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (e[:, None, :], e[:, None, :v_dim]) if mla else e.unbind(1)
-
-    return paged_attention_reference(q.float(), cache.float(), meta, expand, scale, v_dim)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -166,7 +87,6 @@ def _whole_model(tmp_path: Path) -> None:
     went through the kernel; also with chunked prefill (an 8-token budget), whose mixed steps send their
     decodes to the kernel."""
     from hf_oracle import make_deepseek_v2, make_qwen3_moe
-    from test_hf_parity import PROMPTS, assert_matches_hf, make_llm
 
     from twinbatch.layers import triton_decode
 
@@ -177,7 +97,7 @@ def _whole_model(tmp_path: Path) -> None:
             model_dir = make(tmp_path / make.__name__)
             for chunked in ({}, {"max_num_batched_tokens": 8}):
                 llm = make_llm(model_dir, attention_backend="triton", block_size=4, **chunked)
-                assert_matches_hf(model_dir, llm, PROMPTS[:2])
+                assert_matches_hf(model_dir, llm, HF_PROMPTS[:2])
                 assert calls, f"no decode step of {make.__name__} went through the Triton kernel ({chunked})"
                 calls.clear()
     finally:

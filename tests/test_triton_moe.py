@@ -2,7 +2,8 @@
 expert and top-k counts, empty batches, other ranks' ids, experts without tokens, several K and N tiles, float32
 and bf16, run-to-run determinism, the align step's layout, and a whole model on moe_backend="triton".
 
-The kernels run in a worker process started with TRITON_INTERPRET=1 (tests/test_triton_decode.py says why).
+The kernels run in a worker process started with TRITON_INTERPRET=1 (conftest's `interpreter` fixture;
+tests/test_triton_decode.py says why).
 """
 
 import copy
@@ -11,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_triton_decode
 import torch
-from test_hf_parity import PROMPTS, make_llm, run_recording
-from test_triton_decode import Interpreter, _widen_bf16_dot
+from helpers import DP_MAX_TOKENS, DP_PROMPTS, HF_PROMPTS, Interpreter, greedy, make_llm, run_recording, widen_bf16_dot
 
 from twinbatch.layers.moe import Experts
 
 pytest.importorskip("triton")
 
-interpreter = test_triton_decode.interpreter  # the fixture: a worker process with TRITON_INTERPRET=1
 HIDDEN, INTER = 48, 40  # not multiples of any tile: masked edges in K and N
 
 
@@ -29,7 +27,7 @@ def _fused(*args: Any, **kwargs: Any) -> torch.Tensor:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from twinbatch.layers import triton_moe
 
-    _widen_bf16_dot()
+    widen_bf16_dot()
     tiles = kwargs.pop("tiles", None)
     return triton_moe.fused_experts(*args, tiles=tiles and triton_moe.Tiles(*tiles), **kwargs)
 
@@ -137,7 +135,7 @@ def _whole_model(model_dir: Path) -> tuple[list, list, int]:
     calls, fused = [], triton_moe.fused_experts
     triton_moe.fused_experts = lambda *args: calls.append(1) or fused(*args)
     try:
-        tokens, logits, _ = run_recording(make_llm(model_dir, moe_backend="triton"), PROMPTS[:2])
+        tokens, logits, _ = run_recording(make_llm(model_dir, moe_backend="triton"), HF_PROMPTS[:2])
     finally:
         triton_moe.fused_experts = fused
     return tokens, logits, len(calls)
@@ -146,7 +144,7 @@ def _whole_model(model_dir: Path) -> tuple[list, list, int]:
 def test_whole_model_matches_reference_backend(interpreter: Interpreter, dsv2_dir: Path) -> None:
     """float32 DeepSeek-V2 (tiny): the same greedy tokens and logits rows as the reference experts."""
     tokens, logits, calls = interpreter(_whole_model, dsv2_dir)
-    expected_tokens, expected_logits, _ = run_recording(make_llm(dsv2_dir, moe_backend="reference"), PROMPTS[:2])
+    expected_tokens, expected_logits, _ = run_recording(make_llm(dsv2_dir, moe_backend="reference"), HF_PROMPTS[:2])
     assert calls, "no step went through the Triton experts"
     assert tokens == expected_tokens
     for ours, expected in zip(logits, expected_logits, strict=True):
@@ -157,7 +155,6 @@ def _compiled_serving(model_dir: Path) -> tuple[list, list, int, int]:
     """Runs in the worker: greedy tokens on the Triton experts uncompiled and compiled (Dynamo's eager backend,
     as tests/test_compilation.py uses on CPU), and the compiled graphs counted after the build and after
     serving."""
-    from test_data_parallel import MAX_TOKENS, PROMPTS, greedy
     from torch._dynamo.utils import counters
 
     from twinbatch import LLM, compilation
@@ -166,10 +163,10 @@ def _compiled_serving(model_dir: Path) -> tuple[list, list, int, int]:
     torch._dynamo.reset()
     counters.clear()
     kwargs = {"moe_backend": "triton", "attention_backend": "batched", "max_model_len": 128}
-    expected = greedy(LLM(str(model_dir), compilation_config="0", **kwargs), PROMPTS, MAX_TOKENS)
+    expected = greedy(LLM(str(model_dir), compilation_config="0", **kwargs), DP_PROMPTS, DP_MAX_TOKENS)
     llm = LLM(str(model_dir), compilation_config="3", **kwargs)
     graphs = counters["stats"]["unique_graphs"]
-    return expected, greedy(llm, PROMPTS, MAX_TOKENS), graphs, counters["stats"]["unique_graphs"]
+    return expected, greedy(llm, DP_PROMPTS, DP_MAX_TOKENS), graphs, counters["stats"]["unique_graphs"]
 
 
 def test_compiled_layers_on_triton_experts(interpreter: Interpreter, dsv2_dir: Path) -> None:

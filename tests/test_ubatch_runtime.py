@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from twinbatch.ubatch.runtime import DBOStepError, UBatchContext, UBatchRuntime
+from twinbatch.worker.ubatch.runtime import DBOStepError, UBatchContext, UBatchRuntime
 
 Work = Callable[[UBatchContext], None]
 Log = list[tuple[int, str]]
@@ -164,7 +164,7 @@ class LateEvent(threading.Event):
 def test_step_after_failure_with_late_wakeups(
     make_runtime: Callable[[int], UBatchRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("twinbatch.ubatch.runtime.TIMEOUT_S", 0.25)
+    monkeypatch.setattr("twinbatch.worker.ubatch.runtime.TIMEOUT_S", 0.25)
     with monkeypatch.context() as m:
         m.setattr(threading, "Event", LateEvent)
         rt = make_runtime(2)
@@ -177,7 +177,7 @@ def test_comm_sms_reserved_sets_and_restores_the_matmul_carveout() -> None:
     inside the block, restored after it, also when the step raises; none for 0 SMs or on CPU."""
     import torch
 
-    from twinbatch.ubatch.ubatched_forward import comm_sms_reserved
+    from twinbatch.worker.ubatch.ubatched_forward import comm_sms_reserved
 
     def state() -> tuple[object, object]:
         return torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
@@ -194,7 +194,7 @@ def test_comm_sms_reserved_sets_and_restores_the_matmul_carveout() -> None:
 def test_dbo_comm_sms_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from twinbatch.ubatch.ubatched_forward import dbo_comm_sms
+    from twinbatch.worker.ubatch.ubatched_forward import dbo_comm_sms
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("TWINBATCH_DBO_COMM_SMS", raising=False)

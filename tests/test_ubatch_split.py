@@ -1,39 +1,20 @@
 """DBO decision and split: vLLM's documented semantics, and the oracle that microbatched attention equals
 whole-batch attention over a real paged KV cache."""
 
-import itertools
-import math
 from typing import Any
 
 import pytest
 import torch
+from helpers import MIXED, make_meta, run_attention
 
 from twinbatch.config import ParallelConfig
+from twinbatch.core.request import Request
+from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
+from twinbatch.core.step_plan import Reason, StepPlanner, decide, last_ubatch_empty, ubatch_bounds
 from twinbatch.distributed.all2all import BACKENDS
-from twinbatch.engine.request import Request
-from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata, paged_attention_reference, write_kv
+from twinbatch.layers.attention import PADDING_SLOT
 from twinbatch.sampling_params import SamplingParams
-from twinbatch.ubatch.decision import Reason, decide, last_ubatch_empty, ubatch_bounds, vote
-from twinbatch.ubatch.split import packed_slices, slice_requests, split_attention_metadata
-from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
-
-BLOCK, NUM_BLOCKS, KV_HEADS, HEADS, HEAD_DIM = 4, 64, 2, 4, 8
-
-
-def make_meta(context: list[int], new: list[int], pad: int = 0, block: int = BLOCK) -> AttentionMetadata:
-    """Requests with context[i] cached tokens and new[i] tokens this pass, each on distinct random blocks."""
-    gen = torch.Generator().manual_seed(0)
-    seq_lens = [c + n for c, n in zip(context, new, strict=True)]
-    counts = [math.ceil(s / block) for s in seq_lens]
-    ids = (torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1)[: sum(counts)].split(counts)
-    tables = torch.zeros(len(new), max(counts), dtype=torch.int32)
-    slots: list[int] = []
-    for i, (b, c, s) in enumerate(zip(ids, context, seq_lens, strict=True)):
-        tables[i, : len(b)] = b
-        slots += [int(b[p // block]) * block + p % block for p in range(c, s)]
-    query_start_loc = torch.tensor([0, *itertools.accumulate(new)], dtype=torch.int32)
-    slot_mapping = torch.tensor(slots + [PADDING_SLOT] * pad, dtype=torch.int64)
-    return AttentionMetadata(query_start_loc, torch.tensor(seq_lens, dtype=torch.int32), tables, slot_mapping, block)
+from twinbatch.worker.ubatch.split import slice_requests, split_attention_metadata
 
 
 def test_vllm_query_start_loc_rebased() -> None:
@@ -120,33 +101,15 @@ PREFILLS = [([2] + [1] * 13, BELOW), ([10] + [1] * 5, BELOW), ([11] + [1] * 5, N
 
 @pytest.mark.parametrize(("new", "want"), DECODES + PREFILLS)
 def test_vote_thresholds(new: list[int], want: Reason | None) -> None:
-    assert vote(batch(new), dbo_config(dbo_decode_token_threshold=4, dbo_prefill_token_threshold=16)) is want
+    assert (
+        StepPlanner(dbo_config(dbo_decode_token_threshold=4, dbo_prefill_token_threshold=16)).vote(batch(new)) is want
+    )
 
 
 def test_vote_shared_kv_block_not_supported() -> None:
-    assert vote(batch([1] * 40, [[2 * i + 1, 2 * i + 2] for i in range(40)]), dbo_config()) is None
+    assert StepPlanner(dbo_config()).vote(batch([1] * 40, [[2 * i + 1, 2 * i + 2] for i in range(40)])) is None
     shared = [[1, 2], [3, 4], [5, 2]] + [[10 + i] for i in range(37)]
-    assert vote(batch([1] * 40, shared), dbo_config()) is Reason.NOT_SUPPORTED
-
-
-def run_attention(meta: AttentionMetadata, bounds: list[int] | None, reverse: bool = False) -> torch.Tensor:
-    """One attention layer: writes the new tokens' KV, then attends, whole or microbatch by microbatch."""
-    gen = torch.Generator().manual_seed(1)
-    cache = torch.randn(NUM_BLOCKS, meta.block_size, 2, KV_HEADS, HEAD_DIM, generator=gen)
-    q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen)
-    kv = torch.randn(meta.num_tokens, 2, KV_HEADS, HEAD_DIM, generator=gen)
-    parts = [(slice(0, meta.num_tokens), meta)]
-    if bounds is not None:
-        slices = packed_slices(meta.num_reqs, bounds) if meta.context_bound else slice_requests(meta.host[0], bounds)
-        parts = [(s.tokens, split_attention_metadata(meta, s)) for s in slices]
-    out = torch.empty(meta.num_tokens, HEADS, HEAD_DIM)
-    for tokens, m in reversed(parts) if reverse else parts:
-        write_kv(cache, m.slot_mapping, kv[tokens])
-        out[tokens] = paged_attention_reference(q[tokens], cache, m, lambda e: e.unbind(1), HEAD_DIM**-0.5, HEAD_DIM)
-    return out
-
-
-MIXED = ([7, 0, 13, 5, 0, 21, 3], [1, 9, 1, 7, 4, 1, 11])  # decodes and prefill chunks, some on cached context
+    assert StepPlanner(dbo_config()).vote(batch([1] * 40, shared)) is Reason.NOT_SUPPORTED
 
 
 @pytest.mark.parametrize("k", [2, 3])

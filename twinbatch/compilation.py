@@ -8,15 +8,16 @@ it compiles once per layer kind (dense / MoE), step kind (decode / prefill) and 
 dynamic sizes for every batch. Inductor fuses the small kernels into a few.
 
 What stays outside the compiled graphs, marked with `opaque`: the collectives and their waits, the DBO yields,
-the hand-written Triton kernels, the KV-cache write and prefill attention (a loop over the requests on the
-host). So a compiled layer issues the same collectives, and yields at the same points, as an eager one; DBO's
-overlap and the CUDA-graph capture of a whole step work as before. The model runner compiles while it is
+the hand-written Triton kernels, the KV-cache write and the reference prefill attention (a loop over the
+requests on the host; the packed layout's attention, which prefill graphs take, has none). So a compiled layer
+issues the same collectives, and yields at the same points, as an eager one, and DBO's overlap and the
+CUDA-graph capture of a whole step hold. The model runner compiles while it is
 built, on each rank alone (ModelRunner._compile_alone).
 
 Level 0 is off, any other level on; the default is on for CUDA where decode steps can be CUDA graphs, off on
 CPU (which runs the reference paths, the tests' oracle). Prefill and mixed steps run the same compiled layer:
-eager, a layer costs ~4 ms of host Python on an H200 machine, about as long as the GPU needs for a 2048-token
-microbatch (docs/performance.md).
+eager, a layer's host Python takes about as long as the GPU needs for a 2048-token microbatch
+(docs/performance.md, kernel choices).
 """
 
 from __future__ import annotations

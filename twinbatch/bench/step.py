@@ -23,19 +23,19 @@ from tqdm import tqdm
 from twinbatch.bench.profile import profile_step
 from twinbatch.bench.step_report import overlap_efficiency, plot_sweep, table
 from twinbatch.config import EngineConfig
+from twinbatch.core.block_manager import BlockManager
+from twinbatch.core.dp_sync import StepSync
+from twinbatch.core.request import Request
+from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
+from twinbatch.core.step_plan import OverlapMode, StepPlan, StepPlanner
 from twinbatch.distributed.collectives import COLLECTIVES, Collectives
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.engine.launcher import free_port
-from twinbatch.engine.request import Request
+from twinbatch.engine.worker_main import worker_device
 from twinbatch.models.presets import BUILTIN_MODEL
 from twinbatch.sampling_params import SamplingParams
-from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.graph_runner import graph_step
-from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunner
-from twinbatch.worker.scheduler import ScheduledRequest, SchedulerOutput
-from twinbatch.worker.worker_main import worker_device
 
 Times = dict[str, list[tuple[float, float]]]  # mode -> (step, host) seconds of each measured step
 
@@ -128,66 +128,73 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
             times = (
                 _measure_modes(runner, batch, state.cpu_group, opts, bar)
                 if parallel.enable_dbo
-                else {"single": _time(_step(runner, batch, opts, ubatch=False), runner, None, opts, bar)}
+                else {"single": _time(_step(runner, batch, OverlapMode.OFF), runner, None, opts, bar)}
             )
         if rank == 0:
             results.put(_report(times, opts, config, runner, batch))
         if runner.graphs is not None:
             runner.graphs.clear()  # the next point has other buckets; free this one's memory
     if opts["profile"]:
-        for name, ubatch in [("dbo_off", False), ("dbo_on", True)] if parallel.enable_dbo else [("single", False)]:
-            profile_step(_step(runner, batch, opts, ubatch), opts["profile"], f"{name}_rank{rank}", echo=rank == 0)
+        modes = [("dbo_off", OverlapMode.OFF), ("dbo_on", OverlapMode.DBO)] if parallel.enable_dbo else []
+        for name, mode in modes or [("single", OverlapMode.OFF)]:
+            profile_step(_step(runner, batch, mode), opts["profile"], f"{name}_rank{rank}", echo=rank == 0)
     runner.shutdown()
     destroy_distributed()
 
 
 def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> tqdm:
     """Rank 0's bar, on stderr, over every step that _measure_modes (or the single mode) times, warm-up included."""
-    modes = 1 if not runner.config.parallel.enable_dbo else 7 if _graph_step(runner, batch, opts) else 5
+    modes = 1 if not runner.config.parallel.enable_dbo else 7 if _plan(runner, batch, OverlapMode.OFF).graph else 5
     total = modes * (opts["warmup"] + opts["num_steps"])
     desc = f"{opts['tokens_per_rank']} tokens per rank"
     return tqdm(total=total, desc=desc, unit="step", disable=rank != 0 or opts["disable_tqdm"])
 
 
 def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict, bar: tqdm) -> Times:
-    """DBO off and on, as CUDA graphs where the step is a graph-eligible decode (and eagerly too); then the
+    """DBO off and on, as CUDA graphs where the engine would replay the step as one (and eagerly too); then the
     decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
     on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
 
-    def step(ubatch: bool, graph: bool = True) -> Callable[[], object]:
-        return _step(runner, batch, opts, ubatch, graph)
+    off, dbo = OverlapMode.OFF, OverlapMode.DBO
+
+    def step(mode: OverlapMode, graph: bool = True) -> Callable[[], object]:
+        return _step(runner, batch, mode, graph)
 
     def timed(fn: Callable[[], object]) -> list[tuple[float, float]]:
         return _time(fn, runner, group, opts, bar)
 
-    graphed = _graph_step(runner, batch, opts) is not None
-    times = {"dbo_off": timed(step(False)), "dbo_on": timed(step(True))}
+    graphed = _plan(runner, batch, off).graph is not None
+    times = {"dbo_off": timed(step(off)), "dbo_on": timed(step(dbo))}
     if graphed:
-        times["dbo_off_eager"] = timed(step(False, graph=False))
-        times["dbo_on_eager"] = timed(step(True, graph=False))
+        times["dbo_off_eager"] = timed(step(off, graph=False))
+        times["dbo_on_eager"] = timed(step(dbo, graph=False))
         runner.graphs.clear()  # the compute-only steps are captured anew, without communication
     with COLLECTIVES.skipped():
-        times["compute_only"] = timed(step(False))
-        times["compute_only_dbo"] = timed(step(True))
+        times["compute_only"] = timed(step(off))
+        times["compute_only_dbo"] = timed(step(dbo))
     COLLECTIVES.recording = []
     if graphed:
         runner.graphs.clear()
-    step(True, graph=False)()
+    step(dbo, graph=False)()
     recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
     times["comm_only"] = timed(lambda: Collectives.replay(recorded))
     return times
 
 
-def _graph_step(runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> GraphStep | None:
-    """The CUDA graph the engine would replay the step as (decode, or prefill in the packed layout); None: the
-    step runs eagerly."""
-    return graph_step(runner.graphs, opts["phase"] == "decode", batch.num_tokens, batch.num_context_tokens)
+def _plan(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True) -> StepPlan:
+    """The engine's plan of the step, in `mode` whatever the DBO vote: a CUDA graph where the engine would replay
+    one (decode, or prefill in the packed layout), unless `graph` is False. Every rank runs the same batch, so
+    these are the numbers every rank's DP sync would return."""
+    planner = StepPlanner(runner.config.parallel, runner.buckets if graph else None, force=mode)
+    dp = runner.config.parallel.data_parallel_size
+    sync = StepSync([batch.num_tokens] * dp, [True] * dp, [batch.decode_only] * dp, [batch.num_context_tokens] * dp,
+                    stop=False)  # fmt: skip
+    return planner.plan(batch, None, sync)
 
 
-def _step(runner: ModelRunner, batch: SchedulerOutput, opts: dict, ubatch: bool, graph: bool = True
-          ) -> Callable[[], object]:  # fmt: skip
-    step = _graph_step(runner, batch, opts) if graph else None
-    return lambda: runner.execute_model(batch, batch.num_tokens, microbatch=ubatch, graph=step)
+def _step(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True) -> Callable[[], object]:
+    plan = _plan(runner, batch, mode, graph)
+    return lambda: runner.execute_model(plan)
 
 
 def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: float) -> float:
@@ -267,6 +274,8 @@ def _setup(opts: dict, config: EngineConfig, runner: ModelRunner) -> dict[str, A
     setup = {"model": opts["model"] or BUILTIN_MODEL, "hf_overrides": opts["hf_overrides"],
              "load_format": config.load_format, **{k: opts[k] for k in ("phase", "tokens_per_rank", "context_len")},
              "dp": parallel.data_parallel_size, "backend": parallel.all2all_backend, "ubatches": parallel.ubatch_size,
+             "attention_backend": config.attention_backend, "moe_backend": config.moe_backend,
+             "compilation_level": config.compilation_level,
              "device": str(config.device), "dtype": str(config.dtype)}  # fmt: skip
     if config.device.type == "cuda":
         setup["dbo_comm_sms"] = runner.ubatched.comm_sms if runner.ubatched is not None else 0

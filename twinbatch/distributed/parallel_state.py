@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
-
-from twinbatch.config import ParallelConfig
 
 # Bound on how long a collective waits for a peer: a dead or stuck rank turns into an error, not a hang.
 TIMEOUT_S = float(os.environ.get("TWINBATCH_DIST_TIMEOUT_S", "60"))
@@ -31,7 +30,17 @@ class ParallelState:
         return 0 if self.ep_group is None else dist.get_rank(self.ep_group)
 
 
-def init_distributed(parallel: ParallelConfig, device: torch.device) -> ParallelState:
+class Rendezvous(Protocol):
+    """Where and as whom a process joins the DP world (config.ParallelConfig)."""
+
+    data_parallel_rank: int
+    data_parallel_size: int
+    master_addr: str
+    master_port: int
+    enable_expert_parallel: bool
+
+
+def init_distributed(parallel: Rendezvous, device: torch.device) -> ParallelState:
     """Joins the DP world as rank parallel.data_parallel_rank. Every DP rank is also an EP rank."""
     if parallel.data_parallel_size == 1:
         return ParallelState()

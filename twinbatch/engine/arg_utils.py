@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,11 @@ from twinbatch.config import (
     EngineConfig,
     ParallelConfig,
     SchedulerConfig,
+    option,
     resolve_device,
     resolve_dtype,
 )
-from twinbatch.distributed.all2all import BACKENDS
-from twinbatch.models.hf_config import ModelConfig
+from twinbatch.config.model import ModelConfig
 from twinbatch.models.presets import BUILTIN_MODEL, PRESETS
 
 _GIB = 1 << 30
@@ -48,13 +49,27 @@ def _default(value: int | None, default: int) -> int:
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
-def _flag(default: Any, text: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A field with its --help text and, where the set of values is closed, its choices: the one source of the
-    flag that add_cli_args generates."""
-    return field(default=default, metadata={"help": text, "choices": choices})
+_flag = option  # a field with its default, --help text and choices: the one source of its flag
+
+
+def _options_of(*configs: type) -> Callable[[type], type]:
+    """Adds to a dataclass-to-be the fields of `configs` that users set (those made with config.option, the
+    data_parallel_rank of each worker is not one), with their defaults, help texts and choices: an option exists
+    once, in its config."""
+
+    def add(cls: type) -> type:
+        for config in configs:
+            for f in dataclasses.fields(config):
+                if "help" in f.metadata:
+                    cls.__annotations__[f.name] = f.type
+                    setattr(cls, f.name, field(default=f.default, metadata=f.metadata))
+        return cls
+
+    return add
 
 
 @dataclass
+@_options_of(SchedulerConfig, CacheConfig, ParallelConfig)
 class EngineArgs:
     model: str | None = _flag(
         None,
@@ -76,11 +91,9 @@ class EngineArgs:
     max_model_len: int | None = _flag(
         None, "most tokens (prompt and output) of one request (default: the model's max_position_embeddings)"
     )
-    max_num_seqs: int = _flag(256, "most requests running at once, per DP rank")
     max_num_batched_tokens: int | None = _flag(
         None, "most tokens in one step, per DP rank (default: 8192 on GPU, 2048 on CPU)"
     )
-    block_size: int = _flag(16, "tokens per KV-cache block")
     num_gpu_blocks_override: int | None = _flag(None, "KV-cache blocks per rank, instead of sizing the cache")
     kv_cache_memory_bytes: int | None = _flag(
         None,
@@ -114,33 +127,11 @@ class EngineArgs:
         "torch.compile of the decoder layers: a level 0-3 (-O0 turns it off) or JSON such as '{\"level\": 0}' "
         "(default: 3 on GPU, 0 on CPU)",
     )
-    data_parallel_size: int = _flag(1, "DP ranks, one process (and one GPU) each")
-    enable_expert_parallel: bool = _flag(False, "split the routed experts over the DP ranks")
-    all2all_backend: str = _flag(
-        "allgather_reducescatter",
-        "how expert-parallel ranks exchange tokens; allgather_reducescatter: every rank gathers every rank's tokens; "
-        "all2all: fixed-capacity buffers (CUDA-graph safe); all2allv: variable sizes (less traffic, one host sync)",
-        tuple(BACKENDS),
-    )
-    nnodes: int = _flag(1, "nodes the DP ranks span, each running --data-parallel-size / --nnodes of them")
-    node_rank: int = _flag(0, "this node's index; node 0 runs the front end")
-    master_addr: str = _flag("127.0.0.1", "address of node 0, where every rank meets")
-    master_port: int = _flag(29500, "port on --master-addr where every rank meets")
-    enable_dbo: bool = _flag(
-        False,
-        "dual-batch overlap: split steps that reach a threshold into microbatches, so one communicates while "
-        "another computes (needs --enable-expert-parallel and --data-parallel-size 2 or more)",
-    )
-    ubatch_size: int = _flag(2, "microbatches per DBO step")
-    dbo_decode_token_threshold: int = _flag(
-        32, "a rank's batch of only decodes votes to microbatch from this many tokens"
-    )
-    dbo_prefill_token_threshold: int = _flag(512, "any other batch votes to microbatch from this many tokens")
 
     def _parallel_config(self) -> ParallelConfig:
         """Under torchrun each of its processes is one node of data_parallel_size // WORLD_SIZE ranks; its
         MASTER_PORT belongs to torchrun's own store, so twinbatch's ranks meet on the next port."""
-        names = [f.name for f in dataclasses.fields(ParallelConfig) if f.name != "data_parallel_rank"]
+        names = [f.name for f in dataclasses.fields(ParallelConfig) if "help" in f.metadata]
         fields = {name: getattr(self, name) for name in names}
         env = os.environ
         if "TORCHELASTIC_RUN_ID" in env and self.nnodes == 1 and self.data_parallel_size > 1:
@@ -196,7 +187,8 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, model_cfg.dtype, device)
         max_model_len = _default(self.max_model_len, model_cfg.max_position_embeddings)
         default_tokens = 8192 if device.type == "cuda" else 2048
-        sched = SchedulerConfig(self.max_num_seqs, _default(self.max_num_batched_tokens, default_tokens), max_model_len)
+        tokens = _default(self.max_num_batched_tokens, default_tokens)
+        sched = SchedulerConfig(tokens, max_model_len, self.max_num_seqs)
         num_blocks = self.num_gpu_blocks_override
         if num_blocks is None:
             num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device, parallel.ep_size)
@@ -204,7 +196,7 @@ class EngineArgs:
             model_path=model_dir,
             tokenizer_path=tokenizer,
             model=model_cfg,
-            cache=CacheConfig(self.block_size, num_blocks),
+            cache=CacheConfig(num_blocks, self.block_size),
             scheduler=sched,
             device=device,
             dtype=dtype,
@@ -224,10 +216,10 @@ class EngineArgs:
         kv_cache_memory_bytes if set; else 2 GiB on CPU, or on GPU the part of gpu_memory_utilization
         the weights and a 2 GiB activation reserve leave free."""
         from twinbatch.layers.moe import ExpertPlacement
-        from twinbatch.models.causal_lm import CausalLM
+        from twinbatch.models.causal_lm import CausalLM, ModelOptions
 
         with torch.device("meta"):
-            meta = CausalLM(cfg, 1, ExpertPlacement(0, ep_size))  # this rank's share of the experts
+            meta = CausalLM(cfg, ModelOptions(1, ExpertPlacement(0, ep_size)))  # this rank's share of the experts
         entry = meta.cache_entry_shape()
         itemsize = torch.empty(0, dtype=dtype).element_size()
         block_bytes = self.block_size * cfg.num_hidden_layers * itemsize * int(torch.tensor(entry).prod())

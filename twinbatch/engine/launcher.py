@@ -13,7 +13,7 @@ import socket
 from multiprocessing.process import BaseProcess
 
 from twinbatch.config import EngineConfig
-from twinbatch.worker.worker_main import run_worker
+from twinbatch.engine.worker_main import run_worker
 
 AUTHKEY = os.environ.get("TWINBATCH_AUTHKEY", "twinbatch").encode()
 

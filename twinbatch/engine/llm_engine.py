@@ -10,21 +10,19 @@ from collections import Counter
 import torch
 
 from twinbatch.config import EngineConfig
+from twinbatch.core.block_manager import BlockManager
+from twinbatch.core.detokenizer import IncrementalDetokenizer
+from twinbatch.core.dp_sync import DPSync
+from twinbatch.core.request import Request
+from twinbatch.core.scheduler import Scheduler, SchedulerOutput
+from twinbatch.core.step_plan import StepPlan, StepPlanner
 from twinbatch.distributed.parallel_state import ParallelState
-from twinbatch.engine.detokenizer import IncrementalDetokenizer
 from twinbatch.engine.input_processor import InputProcessor, Prompt
-from twinbatch.engine.request import Request
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
 from twinbatch.outputs import CompletionOutput, Logprob, RequestError, RequestOutput, error_line
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
-from twinbatch.ubatch import decision as dbo
-from twinbatch.worker.block_manager import BlockManager
-from twinbatch.worker.dp_sync import DPSync, StepSync
-from twinbatch.worker.graph_runner import graph_step
-from twinbatch.worker.inputs import GraphStep
 from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
-from twinbatch.worker.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 STATS_LOG_EVERY = 1000  # steps
@@ -39,7 +37,8 @@ class LLMEngine:
         self.model_runner = ModelRunner(config, parallel)
         self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
         self.stopped = False  # set when every DP rank agreed to stop
-        self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (dbo.Reason values)
+        self.planner = StepPlanner(config.parallel, self.model_runner.buckets)
+        self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (step_plan.Reason values)
         self.num_prompt_tokens = 0  # of every request added, ever
         self.num_generation_tokens = 0  # every token sampled, ever
         self.num_aborted = 0  # requests aborted before they finished, ever
@@ -69,8 +68,8 @@ class LLMEngine:
 
     def get_stats(self) -> dict:
         """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
-        `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, microbatched) or
-        ("prefill", token bucket, request rows, microbatched). The token
+        `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, overlap mode) or
+        ("prefill", token bucket, request rows, overlap mode), the mode an OverlapMode value ("off", "dbo"). The token
         counts are totals since the engine started."""
         return {
             "num_running": len(self.scheduler.running),
@@ -97,29 +96,24 @@ class LLMEngine:
         if self.faults:  # fault-injection tests only: no loop over the batch in a normal step
             for s in batch.scheduled:
                 self._inject_fault("step", s.request.prompt_token_ids)
-        parallel = self.config.parallel
-        no_vote = dbo.vote(batch, parallel) if parallel.enable_dbo else dbo.Reason.NOT_SUPPORTED
-        decode_only = all(s.num_new_tokens == 1 for s in batch.scheduled)
-        sync = self.dp_sync.sync(batch.num_tokens, stop, no_vote is None, decode_only, batch.num_context_tokens)
+        vote = self.planner.vote(batch)
+        sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens)
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
-        microbatch = False
-        if parallel.enable_dbo:
-            outcome = dbo.decide(no_vote, sync.num_tokens_across_dp, sync.ubatch_votes, parallel.ubatch_size)
-            self.dbo_stats[outcome.value] += 1
-            if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
-                logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
-            microbatch = outcome is dbo.Reason.MICROBATCHED
-        out = self.model_runner.execute_model(batch, sync.max_tokens, microbatch, self._graph_step(sync))
+        plan = self.planner.plan(batch, vote, sync)
+        self._count(plan)
+        out = self.model_runner.execute_model(plan)
         self.scheduler.update_after_step(batch)
         return self._process(batch, out)
 
-    def _graph_step(self, sync: StepSync) -> GraphStep | None:
-        """A CUDA-graph step (microbatched or not), the same answer on every rank, from the same synced numbers:
-        a decode graph when every rank has only decodes (or nothing) and the batch fits a bucket; else a
-        prefill graph when every rank's requests' contexts fit the token budget (worker/graph_runner.py)."""
-        return graph_step(self.model_runner.graphs, all(sync.decode_only), sync.max_tokens, max(sync.context_tokens))
+    def _count(self, plan: StepPlan) -> None:
+        """Steps by DBO outcome (with DBO on): microbatched, or why not."""
+        parallel = self.config.parallel
+        if parallel.enable_dbo:
+            self.dbo_stats[plan.reason.value] += 1
+            if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
+                logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
 
     def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         for request_id, tensors in out.prompt_logprobs.items():

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twinbatch.config import EngineConfig, ParallelConfig
+from twinbatch.core.step_plan import Reason
 from twinbatch.engine.arg_utils import EngineArgs
 from twinbatch.entrypoints.openai.cli_args import add_serve_args
 from twinbatch.models.presets import BUILTIN_MODEL
 from twinbatch.sampling_params import SamplingParams
-from twinbatch.ubatch.decision import Reason
 from twinbatch.version import __version__
 
 if TYPE_CHECKING:

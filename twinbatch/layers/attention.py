@@ -48,7 +48,7 @@ class AttentionMetadata:
         return self.query_start_loc.tolist(), self.seq_lens.tolist()
 
 
-@opaque  # compiled, the write into a view of the cache became a copy of the whole cache (250 us a layer)
+@opaque  # compiled, the write into a view of the cache became a copy of the whole cache
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, entries: torch.Tensor) -> None:
     """cache [num_blocks, block_size, *E] <- entries [num_tokens, *E] at slot_mapping."""
     cache.view(-1, *cache.shape[2:])[slot_mapping] = entries.to(cache.dtype)

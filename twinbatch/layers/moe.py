@@ -5,26 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from twinbatch.distributed.all2all import make_all2all
-from twinbatch.distributed.all2all.base import count_ids, sum_rows
-from twinbatch.forward_context import ForwardContext
+from twinbatch.config.model import ModelConfig
+from twinbatch.distributed.all2all import All2AllBackend
+from twinbatch.layers.forward_context import ForwardContext
 from twinbatch.layers.mlp import MLP
-from twinbatch.models.hf_config import ModelConfig
+from twinbatch.ops import RANK_SORT_MAX_PAIRS, sort_by_expert, sum_rows
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which routed experts this process holds: the rank-th contiguous 1/size of them. With a group, tokens
-    reach them through the chosen all-to-all backend; without one, all experts are local."""
+    """Which routed experts this process holds: the rank-th contiguous 1/size of them. With an all-to-all
+    backend (one instance, shared by every MoE layer), tokens reach them through it; without one, all experts
+    are local."""
 
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None
-    all2all_backend: str = "allgather_reducescatter"
+    all2all: All2AllBackend | None = None
 
 
 class Router(nn.Module):
@@ -73,11 +72,14 @@ class Experts(nn.Module):
     Checkpoints with one tensor per expert are packed into this layout by the loader.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0,
+        backend: str = "reference",
+    ) -> None:  # fmt: skip
         super().__init__()
         self.num_experts = num_experts  # held here: global ids expert_offset .. expert_offset + num_experts - 1
         self.expert_offset = expert_offset
-        self.backend = "reference"  # set by the model runner: its moe_backend
+        self.backend = backend  # config.MOE_BACKENDS
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -95,10 +97,9 @@ class Experts(nn.Module):
 
     @staticmethod
     def _grouped_is_faster(x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-        """The Triton backend leaves prefill-sized bfloat16 batches to torch._grouped_mm. On H200, DP=2,
-        DeepSeek-V2-Lite: a decode step of 256 tokens a rank (3072 pairs a layer) computed in 16.2 ms with the
-        Triton experts against 19.0 ms, a 4096-token prefill step (49152 pairs) in 81.5 ms against 72.3 ms. The
-        threshold is the expert sort's, so compiled layers gain no new guard, hence no new variant to compile."""
+        """The Triton backend leaves prefill-sized bfloat16 batches to torch._grouped_mm, faster there
+        (docs/performance.md, kernel choices). The threshold is the expert sort's, so compiled layers gain no new
+        guard, hence no new variant to compile."""
         return x.dtype == torch.bfloat16 and topk_ids.numel() > RANK_SORT_MAX_PAIRS
 
     def _forward_grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -136,30 +137,6 @@ class Experts(nn.Module):
         return out
 
 
-RANK_SORT_MAX_PAIRS = 8192  # above this, comparing every pair with every other costs more than a sort
-
-
-def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [pairs] -> (order: the stable argsort of ids, ids >= num_experts last; offs [num_experts] int32: the
-    end row of each expert's run in that order). No host synchronisation.
-
-    Under torch.compile, for decode-sized inputs, a rank sort: each pair's row is the start of its id's run
-    plus the number of equal ids before it, which Inductor computes as one reduction over the pairs x pairs
-    comparison without materialising it (every pair in parallel). On H200 a DP=2 decode layer's 3072 pairs
-    take 31 us this way (a microbatch's 1536, 16 us), against 131 us for a cumulative sum over a one-hot table,
-    which Inductor scans along the long axis. Eager steps keep the (radix) sort."""
-    ids = ids.clamp(0, num_experts)  # every skipped id the same, so both ways give the same order
-    counts = count_ids(ids, num_experts + 1)  # the skipped ids counted too: their run comes last
-    ends = counts.cumsum(0)
-    if not torch.compiler.is_compiling() or ids.numel() > RANK_SORT_MAX_PAIRS:
-        return ids.argsort(stable=True), ends[:num_experts].to(torch.int32)
-    index = torch.arange(ids.numel(), device=ids.device)
-    before = ((ids[None, :] == ids[:, None]) & (index[None, :] < index[:, None])).sum(1)
-    order = torch.empty_like(ids)
-    order[ends[ids] - counts[ids] + before] = index
-    return order, ends[:num_experts].to(torch.int32)
-
-
 class MoE(nn.Module):
     """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names.
 
@@ -167,22 +144,28 @@ class MoE(nn.Module):
     the local experts, combine.
     """
 
-    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement) -> None:
+    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement, backend: str = "reference") -> None:
         super().__init__()
         self.gate = Router(cfg)
         num_local = cfg.num_experts // placement.size
-        self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size, placement.rank * num_local)
+        self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size, placement.rank * num_local,
+                               backend)  # fmt: skip
         shared = cfg.shared_expert_intermediate_size
         self.shared_experts = MLP(cfg.hidden_size, shared) if shared else None
-        group = placement.group
-        self.all2all = make_all2all(placement.all2all_backend, group, cfg.num_experts) if group is not None else None
+        self.all2all = placement.all2all
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         if self.all2all is None:
             out = self.experts(x, topk_weights, topk_ids)
             return out if self.shared_experts is None else out + self.shared_experts(x)
-        shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else None
-        recv, handle, shared_out = self.all2all.dispatch(x, topk_weights, topk_ids, ctx, shared)
-        out = self.all2all.combine(self.experts(recv.x, recv.topk_weights, recv.local_ids), handle, ctx)
-        return out if shared_out is None else out + shared_out
+        handle = self.all2all.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None  # while tokens travel
+        if ctx.ubatch is not None:
+            ctx.ubatch.yield_and_switch_from_compute_to_comm()  # the other microbatch computes meanwhile
+        recv = self.all2all.dispatch_wait(handle)
+        self.all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids), handle)
+        if ctx.ubatch is not None:
+            ctx.ubatch.yield_and_switch_from_comm_to_compute()
+        out = self.all2all.combine_wait(handle)
+        return out if shared is None else out + shared

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from twinbatch.models.hf_config import RopeConfig
+from twinbatch.config.model import RopeConfig
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

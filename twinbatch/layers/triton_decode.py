@@ -127,9 +127,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def num_splits_for(max_seq_len: int, programs: int, device: torch.device, d_k: int = 0) -> int:
-    """One split where the requests alone fill every SM, or for MLA's wide keys (d_k > 256) always: on H200 every
-    split count above 1 measured slower there, from 32 to 256 requests of 257 to 1025 tokens. Else about four
-    programs per SM, but no split shorter than MIN_SPLIT_LEN tokens (measured on H200: docs/performance.md)."""
+    """One split where the requests alone fill every SM, or for MLA's wide keys (d_k > 256) always (every split
+    count above 1 measured slower there). Else about four programs per SM, but no split shorter than
+    MIN_SPLIT_LEN tokens (docs/performance.md, kernel choices)."""
     sms = _num_sms(device)
     if programs >= sms or d_k > 256:
         return 1
@@ -140,8 +140,8 @@ def kernel_config(d_k: int, itemsize: int, splits: int, programs: int, device: t
     """(BLOCK_N, num_warps, num_stages). A key tile [BLOCK_N, d_k] of at most 72 KB, so that two pipeline stages
     fit in shared memory (227 KB on H100/H200); half that for split launches (few requests: more, shorter tiles
     in flight measured faster). MLA (d_k > 256) in 16-bit with fewer programs than SMs: 128-token tiles and 8
-    warps, which on H200 took 90 us instead of 153 us for 128 requests of 1025 tokens, and 84 instead of 161 for
-    32 (float32 tiles would be twice the size: not measured, so left as they were)."""
+    warps, measured faster (docs/performance.md, kernel choices; float32 tiles would be twice the size: not
+    measured, so left as they were)."""
     if d_k > 256 and itemsize <= 2 and splits == 1 and programs < _num_sms(device):
         return 128, 8, 2
     budget = (72 if splits == 1 else 36) * 1024

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from twinbatch.compilation import opaque
-from twinbatch.distributed.all2all.base import sum_rows
-from twinbatch.layers.moe import sort_by_expert
+from twinbatch.ops import sort_by_expert, sum_rows
 
 # Rows per tile of the align step, for every batch size: block_m may not depend on the batch inside compiled
 # code (a threshold on it would be a guard, and crossing it while serving a recompilation). 64 is the measured
@@ -49,10 +48,10 @@ class Tiles:
 
 def tiles_for(pairs_per_expert: float, dtype: torch.dtype) -> Tiles:
     """pairs_per_expert counts other ranks' pairs too (under expert parallelism about half of them or more).
-    Decode (up to 128): 64 x 64 x 64 tiles, 4 warps, 3 stages, the best of 48 shapes on H200 for DP=2 decode's
-    1508 local pairs over 32 experts (about 47 rows each): 166 us for both GEMMs (3.3 TB/s of weights) against
-    236 us for torch._grouped_mm; a 32-row tile reads an expert's weights twice there. Prefill: 64 x 128 tiles,
-    8 warps. Shared memory per stage: x [M, K] plus gate and up [K, N] tiles; float32 halves BLOCK_K."""
+    Decode (up to 128): 64 x 64 x 64 tiles, 4 warps, 3 stages, the best of the shapes measured for DP=2 decode
+    (docs/performance.md, kernel choices); a 32-row tile would read an expert's weights twice there. Prefill:
+    64 x 128 tiles, 8 warps. Shared memory per stage: x [M, K] plus gate and up [K, N] tiles; float32 halves
+    BLOCK_K."""
     tiles = Tiles(ALIGN_M, 64, 64, 4, 3) if pairs_per_expert <= 128 else Tiles(ALIGN_M, 128, 64, 8, 3)
     if dtype == torch.float32:
         tiles = Tiles(tiles.block_m, tiles.block_n, tiles.block_k // 2, tiles.num_warps, tiles.num_stages)

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from twinbatch.layers.moe import ExpertPlacement, Experts
-from twinbatch.models.causal_lm import CausalLM
-from twinbatch.models.hf_config import ModelConfig
+from twinbatch.config.model import ModelConfig
+from twinbatch.layers.moe import Experts
+from twinbatch.models.causal_lm import CausalLM, ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build_model(
     cfg: ModelConfig,
-    max_positions: int,
+    options: ModelOptions,
     dtype: torch.dtype,
     device: torch.device,
     model_dir: str | None,
     load_format: str,
     seed: int,
-    placement: ExpertPlacement | None = None,
 ) -> CausalLM:
+    """The model on `device` in `dtype` (its KV cache too), with the checkpoint's weights or dummy ones."""
     with _default_dtype(dtype), torch.device(device):
-        model = CausalLM(cfg, max_positions, placement)
+        model = CausalLM(cfg, options)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:

@@ -7,14 +7,20 @@ import torch
 from torch import nn
 
 from twinbatch.compilation import opaque
+from twinbatch.config.model import ModelConfig
 from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
-from twinbatch.models.hf_config import ModelConfig
 
 
 class Qwen3MoeAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: str = "reference",
+        cache_blocks: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.rotary = rotary
@@ -25,8 +31,9 @@ class Qwen3MoeAttention(nn.Module):
         self.o_proj = nn.Linear(heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.kv_cache = torch.empty(0)  # set by the model runner
-        self.decode_backend = "reference"  # set by the model runner: its attention_backend
+        self.decode_backend = backend  # "reference", or the kernels of decode steps: "batched", "triton"
+        # [num_blocks, block_size, *cache_entry_shape]; read only where written
+        self.kv_cache = torch.empty(*cache_blocks, *self.cache_entry_shape(cfg))
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:

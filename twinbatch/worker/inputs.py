@@ -1,5 +1,5 @@
-"""A step's model inputs: the persistent buffers they live in, the views one step takes of them, and how a step
-runs as a CUDA graph. ModelRunner.prepare_inputs fills them."""
+"""A step's model inputs: the persistent buffers they live in and the views one step takes of them.
+ModelRunner.prepare_inputs fills them."""
 
 from __future__ import annotations
 
@@ -16,17 +16,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled], the last new token of each request that samples
-
-
-@dataclass(frozen=True)
-class GraphStep:
-    """A step run as a CUDA graph, as every DP rank agreed: `tokens` is its token bucket. A prefill graph takes
-    the packed attention layout (AttentionMetadata.context_bound), whose context bound is the same bucket unless
-    `context` says otherwise."""
-
-    tokens: int
-    prefill: bool = False
-    context: int = 0
+    query_starts: list[int] | None = None  # attn.query_start_loc on the host, where known without a device read
 
 
 class InputBuffers:

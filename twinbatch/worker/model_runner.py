@@ -1,8 +1,8 @@
 """Turns a scheduled batch into model inputs, runs the model, and returns logits of the rows to sample.
 
 Per-step inputs live in persistent buffers sized for the largest step (max_num_batched_tokens tokens,
-max_num_seqs requests); each step's AttentionMetadata is a set of views into them. Later work slices these per
-microbatch and captures them in CUDA graphs.
+max_num_seqs requests); each step's AttentionMetadata is a set of views into them, which DBO slices per
+microbatch and CUDA graphs capture. What the step does is the StepPlan's to say (core/step_plan.py).
 """
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from twinbatch.compilation import compile_layer
 from twinbatch.config import EngineConfig
+from twinbatch.core.scheduler import SchedulerOutput
+from twinbatch.core.step_plan import GraphBuckets, GraphStep, OverlapMode, StepPlan, ubatch_bounds
+from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, make_all2all
 from twinbatch.distributed.collectives import COLLECTIVES
 from twinbatch.distributed.parallel_state import ParallelState
-from twinbatch.forward_context import ForwardContext
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
-from twinbatch.layers.moe import ExpertPlacement, Experts
+from twinbatch.layers.forward_context import ForwardContext
+from twinbatch.layers.moe import ExpertPlacement
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs
-from twinbatch.models.causal_lm import DecoderLayer
+from twinbatch.models.causal_lm import CausalLM, ModelOptions
 from twinbatch.models.loader import build_model
-from twinbatch.worker.inputs import GraphStep, InputBuffers, StepInputs
-from twinbatch.worker.scheduler import SchedulerOutput
+from twinbatch.worker.graph_runner import Forward, GraphRunner
+from twinbatch.worker.inputs import InputBuffers, StepInputs
+from twinbatch.worker.ubatch.ubatched_forward import UBatchedForward
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGITS_CHUNK = 256  # rows of prompt logits at a time: [256, vocab] float32, not [prompt_len, vocab]
@@ -39,52 +42,35 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, parallel: ParallelState | None = None) -> None:
-        self.config = config
-        parallel = parallel or ParallelState()
-        placement = ExpertPlacement(
-            parallel.ep_rank, parallel.ep_size, parallel.ep_group, config.parallel.all2all_backend
-        )
-        self.device = config.device
-        sched, cache = config.scheduler, config.cache
-        self.block_size = cache.block_size
-        self.max_blocks_per_req = -(-sched.max_model_len // cache.block_size)
-        max_positions = max(sched.max_model_len, config.model.max_position_embeddings)
-        self.model = build_model(
-            config.model,
-            max_positions,
-            config.dtype,
-            config.device,
-            config.model_path,
-            config.load_format,
-            config.seed,
-            placement,
-        )
-        self._log_expert_memory(placement)
-        for m in self.model.modules():
-            if isinstance(m, Experts):
-                m.backend = config.moe_backend
-        self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and _decode_is_capturable(config):
-            from twinbatch.worker.graph_runner import GraphRunner
-
-            self.graphs = GraphRunner(self, min(sched.max_num_seqs, sched.max_num_batched_tokens),
-                                      sched.max_model_len, sched.max_num_batched_tokens)  # fmt: skip
-        if config.compilation_level and _decode_is_capturable(config):  # else host loops: nothing to compile
-            self.model.model.compiled_layer = compile_layer(DecoderLayer.forward)
-        self.ubatched = None
-        if config.parallel.enable_dbo:
-            from twinbatch.ubatch.ubatched_forward import UBatchedForward
-
-            self.ubatched = UBatchedForward(self.model, config.parallel.ubatch_size, config.device)
-        self.kv_caches = self._allocate_kv_cache()
-        self.buffers = InputBuffers(
-            sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req, config.device
-        )
+        self.config, self.device = config, config.device
+        sched, self.block_size = config.scheduler, config.cache.block_size
+        self.max_blocks_per_req = -(-sched.max_model_len // self.block_size)
+        self.all2all = _make_all2all(config, parallel or ParallelState())
+        self.model = _build_model(config, parallel or ParallelState(), self.all2all)
+        self.kv_caches = [attn.kv_cache for attn in self.model.attention_layers()]
+        self.buffers = InputBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req,
+                                    config.device)  # fmt: skip
         # how many leading columns of each block-table row may be non-zero: a step copies only the columns in use
         # (and zeros over older ones) instead of max_model_len / block_size columns a row, 10240 for V2-Lite
         self.table_widths = np.zeros(sched.max_num_seqs, dtype=np.int64)
+        self.ubatched = None
+        self.forwards: dict[OverlapMode, Forward] = {OverlapMode.OFF: self._forward_whole}
+        if config.parallel.enable_dbo:
+            self.ubatched = UBatchedForward(self.model, config.parallel.ubatch_size, config.device)
+            self.forwards[OverlapMode.DBO] = lambda inputs, plan: self.ubatched(inputs, plan.ubatch_bounds)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and graph_capturable(config):
+            self.graphs = GraphRunner(self.buffers, self.block_size, graph_buckets(config), self.forward)
+        self.buckets = self.graphs.buckets if self.graphs is not None else None  # None: every step eager
         if self.model.model.compiled_layer is not None:
             self._compile_alone()
+
+    def forward(self, inputs: StepInputs, plan: StepPlan) -> torch.Tensor:
+        """The step's eager forward in the plan's overlap mode -> hidden states [num_tokens, hidden]."""
+        return self.forwards[plan.mode](inputs, plan)
+
+    def _forward_whole(self, inputs: StepInputs, plan: StepPlan) -> torch.Tensor:
+        return self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, plan.max_tokens_across_dp))
 
     @torch.inference_mode()
     def _compile_alone(self) -> None:
@@ -99,7 +85,7 @@ class ModelRunner:
         sched, n = self.config.scheduler, self.config.parallel.ubatch_size
 
         def padding(tokens: int, request_len: int) -> StepInputs:
-            inputs = self.prepare_inputs(SchedulerOutput(), num_padded_tokens=tokens, pad_requests=request_len)
+            inputs = self.prepare_inputs(SchedulerOutput(), tokens, request_len)
             if request_len == 1:  # a context bound past one block, as decodes have (one block would specialise)
                 inputs.attn.max_seq_len = min(2 * self.block_size + 1, sched.max_model_len)
             return inputs
@@ -120,7 +106,7 @@ class ModelRunner:
                 self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, tokens))
             for tokens, request_len in filter(fits, ubatched):
                 inputs = padding(tokens, request_len)
-                self.ubatched(inputs, inputs.attn.host[0])
+                self.ubatched(inputs, ubatch_bounds(tokens, n))
 
     def shutdown(self) -> None:
         """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
@@ -129,24 +115,6 @@ class ModelRunner:
             self.graphs.clear()
         if self.ubatched is not None:
             self.ubatched.runtime.close()
-
-    def _log_expert_memory(self, placement: ExpertPlacement) -> None:
-        experts = [p for n, p in self.model.named_parameters() if ".experts." in n]
-        self.expert_bytes = sum(p.numel() * p.element_size() for p in experts)
-        if placement.size > 1:
-            logger.info(
-                "EP rank %d/%d holds %.1f MiB of routed experts (1/%d of %.1f MiB)", placement.rank, placement.size,
-                self.expert_bytes / 2**20, placement.size, placement.size * self.expert_bytes / 2**20,
-            )  # fmt: skip
-
-    def _allocate_kv_cache(self) -> list[torch.Tensor]:
-        shape = (self.config.cache.num_blocks, self.block_size, *self.model.cache_entry_shape())
-        caches = []
-        for attn in self.model.attention_layers():
-            attn.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)  # read only once written
-            attn.decode_backend = self.config.attention_backend
-            caches.append(attn.kv_cache)
-        return caches
 
     def prepare_inputs(
         self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0, packed: GraphStep | None = None
@@ -187,7 +155,7 @@ class ModelRunner:
         starts += [starts[-1]] * (rows + 1 - len(starts))
         inputs = self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
         if packed:
-            inputs.attn.decode_only, inputs.attn.context_bound = False, packed.context or packed.tokens
+            inputs.attn.decode_only, inputs.attn.context_bound = False, packed.context
         return inputs
 
     def request_rows(self, num_reqs: int) -> int:
@@ -228,48 +196,23 @@ class ModelRunner:
             max_seq_len=max(seq_lens, default=0),
         )
         assert attn.num_reqs == r and attn.num_tokens == n
-        return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows))
+        return StepInputs(put(b.input_ids, ids), put(b.positions, positions), attn, put(b.logits_indices, sample_rows),
+                          starts)  # fmt: skip
 
     @torch.inference_mode()
-    def execute_model(
-        self,
-        batch: SchedulerOutput,
-        max_tokens_across_dp: int | None = None,
-        microbatch: bool = False,
-        graph: GraphStep | None = None,
-    ) -> ModelRunnerOutput:
-        """Runs one step; returns float32 logits [num_sampled, vocab] in scheduling order, and the prompt
-        logprobs of requests that ask for them (computed only then). An empty batch runs
-        one padding token: the dummy batch of a DP rank without work, so the EP collectives still match.
-        With `microbatch` (every DP rank decided so), the batch is padded to max_tokens_across_dp and runs as
-        overlapping microbatches. With `graph` (agreed by every rank) the batch is padded to its bucket and
-        replayed as a CUDA graph: a decode graph, or a prefill graph in the packed attention layout (which runs
-        eagerly where there are no graphs, as on CPU)."""
-        if graph is not None and graph.prefill:
-            inputs = self.prepare_inputs(batch, packed=graph)
-            if self.graphs is None:
-                hidden = self._forward(inputs, microbatch, graph.tokens)
-            else:
-                hidden = self.graphs.run_prefill(graph.tokens, inputs.attn.num_reqs, microbatch)
-        elif graph is not None:  # a decode step replayed as a CUDA graph, microbatched or not
-            assert self.graphs is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=graph.tokens, pad_requests=1)
-            hidden = self.graphs.run(graph.tokens, inputs.attn.max_seq_len, microbatch)
-        else:
-            assert not microbatch or max_tokens_across_dp is not None
-            inputs = self.prepare_inputs(batch, num_padded_tokens=max_tokens_across_dp if microbatch else 1)
-            hidden = self._forward(inputs, microbatch, max_tokens_across_dp or inputs.attn.num_tokens)
+    def execute_model(self, plan: StepPlan) -> ModelRunnerOutput:
+        """Runs one planned step: float32 logits [num_sampled, vocab] in scheduling order, and the prompt
+        logprobs of requests that ask for them (computed only then). The batch is padded as planned (an empty
+        batch runs padding: the dummy batch of a DP rank without work, so the EP collectives still match), then
+        replayed as the planned CUDA graph, or run eagerly where there is none (the packed prefill layout too,
+        as on CPU)."""
+        inputs = self.prepare_inputs(plan.batch, plan.num_tokens, plan.pad_requests, plan.packed)
+        replay = plan.graph is not None and self.graphs is not None
+        hidden = self.graphs.replay(plan, inputs.attn) if replay else self.forward(inputs, plan)
         out = ModelRunnerOutput(self.model.compute_logits(hidden[inputs.logits_indices]))
-        if any(s.request.prompt_logprobs is not None for s in batch.scheduled):
-            out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        if any(s.request.prompt_logprobs is not None for s in plan.batch.scheduled):
+            out.prompt_logprobs = self._prompt_logprobs(plan.batch, hidden)
         return out
-
-    def _forward(self, inputs: StepInputs, microbatch: bool, max_tokens_across_dp: int) -> torch.Tensor:
-        if microbatch:
-            assert self.ubatched is not None
-            return self.ubatched(inputs)
-        ctx = ForwardContext(inputs.attn, max_tokens_across_dp)
-        return self.model(inputs.input_ids, inputs.positions, ctx)
 
     def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor) -> dict[str, LogprobsTensors]:
         """Log-softmax of the logits at every prompt position that scores a prompt token, in chunks of rows."""
@@ -297,14 +240,48 @@ class ModelRunner:
         return out
 
 
-def _decode_is_capturable(config: EngineConfig) -> bool:
-    """A decode step can be a CUDA graph only if nothing in it waits for the host: batched or Triton attention,
+def graph_capturable(config: EngineConfig) -> bool:
+    """A step can be a CUDA graph only if nothing in it waits for the host: batched or Triton attention,
     grouped-GEMM experts in bfloat16 (other dtypes take a torch fallback that copies from the host) or Triton
-    experts in any dtype (grids sized from shapes alone), and an all-to-all without host-read split sizes
-    (not all2allv)."""
+    experts in any dtype (grids sized from shapes alone), and an all-to-all backend that is graph_capturable."""
     grouped_mm = config.moe_backend == "grouped_mm" and config.dtype == torch.bfloat16
     return (
         config.attention_backend in ("batched", "triton")
         and (grouped_mm or config.moe_backend == "triton")
-        and config.parallel.all2all_backend != "all2allv"
+        and BACKENDS[config.parallel.all2all_backend].graph_capturable
     )
+
+
+def graph_buckets(config: EngineConfig) -> GraphBuckets:
+    sched = config.scheduler
+    rows = min(sched.max_num_seqs, sched.max_num_batched_tokens)
+    return GraphBuckets(rows, sched.max_model_len, sched.max_num_batched_tokens)
+
+
+def _make_all2all(config: EngineConfig, parallel: ParallelState) -> All2AllBackend | None:
+    """The process's one all-to-all backend, shared by every MoE layer; None without expert parallelism."""
+    if parallel.ep_group is None:
+        return None
+    return make_all2all(config.parallel.all2all_backend, parallel.ep_group, config.model.num_experts)
+
+
+def _build_model(config: EngineConfig, parallel: ParallelState, all2all: All2AllBackend | None) -> CausalLM:
+    """The model with its KV cache, its kernels, and (where the layers have no host loops, so there is something
+    to compile) torch.compile of its layers."""
+    sched, cache = config.scheduler, config.cache
+    options = ModelOptions(
+        max_positions=max(sched.max_model_len, config.model.max_position_embeddings),
+        placement=ExpertPlacement(parallel.ep_rank, parallel.ep_size, all2all),
+        attention_backend=config.attention_backend,
+        moe_backend=config.moe_backend,
+        kv_cache_blocks=(cache.num_blocks, cache.block_size),
+        compile=config.compilation_level > 0 and graph_capturable(config),
+    )
+    model = build_model(config.model, options, config.dtype, config.device, config.model_path,
+                        config.load_format, config.seed)  # fmt: skip
+    if parallel.ep_size > 1:
+        experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+        mib, size = experts / 2**20, parallel.ep_size
+        logger.info("EP rank %d/%d holds %.1f MiB of routed experts (1/%d of %.1f MiB)", parallel.ep_rank, size,
+                    mib, size, size * mib)  # fmt: skip
+    return model

@@ -7,49 +7,62 @@ prefill batches, at the cost of one host synchronisation per dispatch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
 from twinbatch.distributed.collectives import COLLECTIVES
 
 
+@dataclass
+class VarHandle(Handle):
+    token: torch.Tensor  # [pairs] the token of each (token, destination) pair sent, by destination then token
+    dest: torch.Tensor  # [pairs] its destination rank
+    send: list[int]  # pairs sent to each rank
+    recv: list[int]  # pairs received from each rank
+    x: torch.Tensor  # [sum(recv), hidden]
+    meta: torch.Tensor  # [sum(recv), 2k] routing as this rank sees it (routing_for)
+    back: torch.Tensor | None = None  # [sum(send), hidden] once combine is launched
+
+
 class All2Allv(All2AllBackend):
+    graph_capturable = False  # the host reads the split sizes
+
     def dispatch_launch(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, max_tokens: int
-    ) -> Handle:
+    ) -> VarHandle:
         owner, mask = self.destinations(topk_ids)
         send_counts = mask.sum(dim=0)
         recv_counts = torch.empty_like(send_counts)
         counted: list = []
         COLLECTIVES.all_to_all(recv_counts, send_counts, counted, group=self.group)
         counted[0].wait()
-        send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
+        send, recv = send_counts.tolist(), recv_counts.tolist()
         dest, token = mask.t().nonzero(as_tuple=True)  # pairs ordered by destination, then token
         meta = self.routing_for(owner[token], topk_ids[token], topk_weights[token], dest)
-        state = {"token": token, "dest": dest, "send": send_split, "recv": recv_split}
-        handle = Handle(num_tokens=x.shape[0], state=state)
-        for name, t in (("x", x[token]), ("meta", meta)):
-            out = t.new_empty(sum(recv_split), t.shape[1])
-            COLLECTIVES.all_to_all(out, t, handle.works, recv_split, send_split, group=self.group)
-            handle.state[name] = out
+        sends = (x[token], meta)
+        handle = VarHandle(
+            x.shape[0], [], token, dest, send, recv, *(t.new_empty(sum(recv), t.shape[1]) for t in sends)
+        )
+        for out, t in zip((handle.x, handle.meta), sends, strict=True):
+            COLLECTIVES.all_to_all(out, t, handle.works, recv, send, group=self.group)
         return handle
 
-    def dispatch_wait(self, handle: Handle) -> ExpertInput:
+    def dispatch_wait(self, handle: VarHandle) -> ExpertInput:
         handle.wait()
-        weights, local_ids = self.split_routing(handle.state["meta"])
-        return ExpertInput(handle.state["x"], weights, local_ids)
+        weights, local_ids = self.split_routing(handle.meta)
+        return ExpertInput(handle.x, weights, local_ids)
 
-    def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
-        s = handle.state
-        back = expert_out.new_empty(sum(s["send"]), expert_out.shape[1])
-        COLLECTIVES.all_to_all(back, expert_out, handle.works, s["send"], s["recv"], group=self.group)
-        s["back"] = back
+    def combine_launch(self, expert_out: torch.Tensor, handle: VarHandle) -> None:
+        handle.back = expert_out.new_empty(sum(handle.send), expert_out.shape[1])
+        COLLECTIVES.all_to_all(handle.back, expert_out, handle.works, handle.send, handle.recv, group=self.group)
 
-    def combine_wait(self, handle: Handle) -> torch.Tensor:
+    def combine_wait(self, handle: VarHandle) -> torch.Tensor:
         handle.wait()
-        s, back = handle.state, handle.state["back"]
+        back = handle.back
         # each row to its (token, destination) place, then a fixed-order sum over destinations: deterministic,
         # unlike an index_add_ of several rows into one token (GPU atomics)
         rows = back.new_zeros(handle.num_tokens * self.size, back.shape[1])
-        rows[s["token"] * self.size + s["dest"]] = back
+        rows[handle.token * self.size + handle.dest] = back
         return rows.view(handle.num_tokens, self.size, back.shape[1]).sum(dim=1)

@@ -3,6 +3,8 @@ partial results back onto the tokens' ranks. Simple, and traffic grows with the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -10,29 +12,36 @@ from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Hand
 from twinbatch.distributed.collectives import COLLECTIVES
 
 
+@dataclass
+class GatherHandle(Handle):
+    max_tokens: int
+    x: torch.Tensor  # [size * max_tokens, hidden]: every rank's tokens, padded to max_tokens rows each
+    weights: torch.Tensor  # [size * max_tokens, k]
+    ids: torch.Tensor  # [size * max_tokens, k] global expert ids; padding rows choose none (num_experts)
+    out: torch.Tensor | None = None  # [max_tokens, hidden] once combine is launched
+
+
 class AllGatherReduceScatter(All2AllBackend):
     def dispatch_launch(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, max_tokens: int
-    ) -> Handle:
+    ) -> GatherHandle:
         n, pad = x.shape[0], max_tokens - x.shape[0]
-        handle = Handle(num_tokens=n, state={"max_tokens": max_tokens})
-        for name, t, fill in (("x", x, 0), ("w", topk_weights, 0), ("ids", topk_ids, self.num_experts)):
-            t = F.pad(t, (0, 0, 0, pad), value=fill)  # every rank sends max_tokens rows
-            out = t.new_empty(self.size * max_tokens, *t.shape[1:])
-            COLLECTIVES.all_gather(out, t.contiguous(), handle.works, group=self.group)
-            handle.state[name] = out
+        sends = [F.pad(t, (0, 0, 0, pad), value=fill).contiguous()  # every rank sends max_tokens rows
+                 for t, fill in ((x, 0), (topk_weights, 0), (topk_ids, self.num_experts))]  # fmt: skip
+        gathered = [t.new_empty(self.size * max_tokens, *t.shape[1:]) for t in sends]
+        handle = GatherHandle(n, [], max_tokens, *gathered)
+        for out, t in zip(gathered, sends, strict=True):
+            COLLECTIVES.all_gather(out, t, handle.works, group=self.group)
         return handle
 
-    def dispatch_wait(self, handle: Handle) -> ExpertInput:
+    def dispatch_wait(self, handle: GatherHandle) -> ExpertInput:
         handle.wait()
-        s = handle.state
-        return ExpertInput(s["x"], s["w"], self.to_local_ids(s["ids"]))
+        return ExpertInput(handle.x, handle.weights, self.to_local_ids(handle.ids))
 
-    def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
-        out = expert_out.new_empty(handle.state["max_tokens"], expert_out.shape[1])
-        COLLECTIVES.reduce_scatter(out, expert_out, handle.works, group=self.group)
-        handle.state["out"] = out
+    def combine_launch(self, expert_out: torch.Tensor, handle: GatherHandle) -> None:
+        handle.out = expert_out.new_empty(handle.max_tokens, expert_out.shape[1])
+        COLLECTIVES.reduce_scatter(handle.out, expert_out, handle.works, group=self.group)
 
-    def combine_wait(self, handle: Handle) -> torch.Tensor:
+    def combine_wait(self, handle: GatherHandle) -> torch.Tensor:
         handle.wait()
-        return handle.state["out"][: handle.num_tokens]
+        return handle.out[: handle.num_tokens]

@@ -8,21 +8,31 @@ Hidden states and routing travel together, one collective each way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from twinbatch.compilation import opaque
-from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle, cumsum_rows, sum_rows
+from twinbatch.distributed.all2all.base import All2AllBackend, ExpertInput, Handle
 from twinbatch.distributed.collectives import COLLECTIVES
+from twinbatch.ops import cumsum_rows, sum_rows
+
+
+@dataclass
+class CapacityHandle(Handle):
+    target: torch.Tensor  # [num_tokens * size] send-buffer row of each (token, destination) pair; size * cap: none
+    recv: torch.Tensor  # [size * cap, row bytes]: hidden state, then routing (_row_width)
+    x: torch.Tensor  # the tokens sent: their dtype and width unpack the received rows
+    back: torch.Tensor | None = None  # [size * cap, hidden] once combine is launched
 
 
 class FixedCapacityAll2All(All2AllBackend):
     def dispatch_launch(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, max_tokens: int
-    ) -> Handle:
+    ) -> CapacityHandle:
         target, send = self._pack(x, topk_weights, topk_ids, max_tokens)
-        recv = torch.empty_like(send)
-        handle = Handle(num_tokens=x.shape[0], state={"target": target, "recv": recv, "x": x})
-        COLLECTIVES.all_to_all(recv, send, handle.works, group=self.group)
+        handle = CapacityHandle(x.shape[0], [], target, torch.empty_like(send), x)
+        COLLECTIVES.all_to_all(handle.recv, send, handle.works, group=self.group)
         return handle
 
     def _pack(
@@ -46,29 +56,28 @@ class FixedCapacityAll2All(All2AllBackend):
         send = torch.cat([send_x.view(torch.uint8), send_meta.view(torch.uint8)], dim=1)
         return target, send[:-1]
 
-    def dispatch_wait(self, handle: Handle) -> ExpertInput:
+    def dispatch_wait(self, handle: CapacityHandle) -> ExpertInput:
         recv_x, recv_meta = _wait_and_unpack(handle)
         weights, local_ids = self.split_routing(recv_meta)
         return ExpertInput(recv_x, weights, local_ids)
 
-    def combine_launch(self, expert_out: torch.Tensor, handle: Handle) -> None:
-        back = torch.empty_like(expert_out)
-        COLLECTIVES.all_to_all(back, expert_out, handle.works, group=self.group)
-        handle.state["back"] = back
+    def combine_launch(self, expert_out: torch.Tensor, handle: CapacityHandle) -> None:
+        handle.back = torch.empty_like(expert_out)
+        COLLECTIVES.all_to_all(handle.back, expert_out, handle.works, group=self.group)
 
-    def combine_wait(self, handle: Handle) -> torch.Tensor:
+    def combine_wait(self, handle: CapacityHandle) -> torch.Tensor:
         handle.wait()
-        back = handle.state["back"]
-        rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[handle.state["target"]]
+        back = handle.back
+        rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[handle.target]
         return sum_rows(rows.view(handle.num_tokens, self.size, back.shape[1]))
 
 
 @opaque  # one graph break for both; views of another dtype stay out of graphs (torch 2.11 could not rebuild them)
-def _wait_and_unpack(handle: Handle) -> tuple[torch.Tensor, torch.Tensor]:
+def _wait_and_unpack(handle: CapacityHandle) -> tuple[torch.Tensor, torch.Tensor]:
     """Waits for the dispatch, then splits the received rows, [size * cap, row] bytes -> (hidden states [rows,
     hidden] in the sender's dtype, routing [rows, 2k] float32), views of the receive buffer."""
     handle.wait()
-    recv, x = handle.state["recv"], handle.state["x"]
+    recv, x = handle.recv, handle.x
     width = _row_width(x)
     return recv[:, :width].view(x.dtype)[:, : x.shape[1]], recv[:, width:].view(torch.float32)
 

@@ -4,16 +4,21 @@ microbatch carries its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from twinbatch.layers.attention import AttentionMetadata
 
-if TYPE_CHECKING:
-    from twinbatch.ubatch.runtime import UBatchContext
+
+class Yields(Protocol):
+    """Where a microbatch hands over to the next one (worker/ubatch/runtime.py UBatchContext)."""
+
+    def yield_and_switch_from_compute_to_comm(self) -> None: ...
+
+    def yield_and_switch_from_comm_to_compute(self) -> None: ...
 
 
 @dataclass
 class ForwardContext:
     attn: AttentionMetadata
     max_tokens_across_dp: int  # the largest token count of any DP rank in this (micro)batch: all-to-all sizes
-    ubatch: UBatchContext | None = None  # set when this forward is one microbatch of a DBO step
+    ubatch: Yields | None = None  # set when this forward is one microbatch of a DBO step

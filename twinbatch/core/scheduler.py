@@ -14,8 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from twinbatch.config import SchedulerConfig
-from twinbatch.engine.request import Request, RequestStatus
-from twinbatch.worker.block_manager import BlockManager
+from twinbatch.core.block_manager import BlockManager
+from twinbatch.core.request import Request, RequestStatus
 
 
 @dataclass
@@ -55,8 +55,9 @@ class SchedulerOutput:
         return sum(s.request.num_computed_tokens + s.num_new_tokens for s in self.scheduled)
 
     @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    def decode_only(self) -> bool:
+        """Every request takes one token (an empty batch too): a decode step."""
+        return all(s.num_new_tokens == 1 for s in self.scheduled)
 
 
 class Scheduler:

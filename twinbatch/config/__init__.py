@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from twinbatch.config.model import ModelConfig
 from twinbatch.distributed.all2all import BACKENDS
-from twinbatch.models.hf_config import ModelConfig
+
+
+def option(default: Any, text: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field that users set: its one default, its --help text and, where the set of values is closed,
+    its choices. EngineArgs takes such fields over as options (engine/arg_utils.py)."""
+    return field(default=default, metadata={"help": text, "choices": choices})
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -38,8 +46,8 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int
     num_blocks: int
+    block_size: int = option(16, "tokens per KV-cache block")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_blocks < 1:
@@ -48,9 +56,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_num_seqs: int = option(256, "most requests running at once, per DP rank")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -66,17 +74,28 @@ class ParallelConfig:
     starts data_parallel_size // nnodes ranks, node 0 also runs the front end.
     """
 
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    all2all_backend: str = "allgather_reducescatter"
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    enable_dbo: bool = False
-    ubatch_size: int = 2  # microbatches per step when DBO microbatches
-    dbo_decode_token_threshold: int = 32
-    dbo_prefill_token_threshold: int = 512
+    data_parallel_size: int = option(1, "DP ranks, one process (and one GPU) each")
+    enable_expert_parallel: bool = option(False, "split the routed experts over the DP ranks")
+    all2all_backend: str = option(
+        "allgather_reducescatter",
+        "how expert-parallel ranks exchange tokens; allgather_reducescatter: every rank gathers every rank's tokens; "
+        "all2all: fixed-capacity buffers (CUDA-graph safe); all2allv: variable sizes (less traffic, one host sync)",
+        tuple(BACKENDS),
+    )
+    nnodes: int = option(1, "nodes the DP ranks span, each running --data-parallel-size / --nnodes of them")
+    node_rank: int = option(0, "this node's index; node 0 runs the front end")
+    master_addr: str = option("127.0.0.1", "address of node 0, where every rank meets")
+    master_port: int = option(29500, "port on --master-addr where every rank meets")
+    enable_dbo: bool = option(
+        False,
+        "dual-batch overlap: split steps that reach a threshold into microbatches, so one communicates while "
+        "another computes (needs --enable-expert-parallel and --data-parallel-size 2 or more)",
+    )
+    ubatch_size: int = option(2, "microbatches per DBO step")
+    dbo_decode_token_threshold: int = option(
+        32, "a rank's batch of only decodes votes to microbatch from this many tokens"
+    )
+    dbo_prefill_token_threshold: int = option(512, "any other batch votes to microbatch from this many tokens")
     data_parallel_rank: int = 0  # this process's rank (set in each worker)
 
     def __post_init__(self) -> None:

@@ -9,18 +9,17 @@ from collections.abc import Iterator
 
 import torch
 
-from twinbatch.forward_context import ForwardContext
+from twinbatch.layers.forward_context import ForwardContext
 from twinbatch.models.causal_lm import CausalLM
-from twinbatch.ubatch.decision import ubatch_bounds
-from twinbatch.ubatch.runtime import UBatchContext, UBatchRuntime
-from twinbatch.ubatch.split import UBatchSlice, packed_slices, slice_requests, split_attention_metadata
 from twinbatch.worker.inputs import StepInputs
+from twinbatch.worker.ubatch.runtime import UBatchContext, UBatchRuntime
+from twinbatch.worker.ubatch.split import UBatchSlice, packed_slices, slice_requests, split_attention_metadata
 
 
 def dbo_comm_sms(device: torch.device) -> int:
     """TWINBATCH_DBO_COMM_SMS (vLLM: VLLM_DBO_COMM_SMS): SMs the matmuls of a microbatched GPU step leave free
-    for the collectives running beside them; 0 reserves none. Default 8: NCCL's all-to-all took 4 blocks
-    on H200 with P2P off, and 8 gave the best DBO prefill there (docs/performance.md)."""
+    for the collectives running beside them; 0 reserves none. Default 8, the best DBO prefill measured with
+    P2P off (docs/performance.md, kernel choices)."""
     value = os.environ.get("TWINBATCH_DBO_COMM_SMS", "8")
     sms = device.type == "cuda" and torch.cuda.get_device_properties(device).multi_processor_count
     if not value.isdigit() or (sms and int(value) >= sms):
@@ -34,17 +33,18 @@ class UBatchedForward:
         self.model, self.n, self.device = model, num_ubatches, device
         self.runtime = UBatchRuntime(num_ubatches)
         self.comm_sms = dbo_comm_sms(device)
-        self.last_trace: list[tuple[int, str]] = []  # (microbatch, yield label) of the last step, in order
 
-    def __call__(self, inputs: StepInputs, query_starts: list[int] | None = None) -> torch.Tensor:
-        """inputs padded to the same token count on every DP rank -> hidden states [num_tokens, hidden].
-        query_starts: the requests' token offsets on the host, when known without reading the device (a CUDA
-        graph capture may not synchronise); the packed layout needs none."""
-        attn, bounds = inputs.attn, ubatch_bounds(inputs.attn.num_tokens, self.n)
+    def __call__(self, inputs: StepInputs, bounds: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """inputs padded to the same token count on every DP rank, cut at the token offsets `bounds` -> hidden
+        states [num_tokens, hidden]. The cut reads the requests' offsets on the host (inputs.query_starts, else
+        from the device: a CUDA graph capture may not synchronise, so it gives them); the packed layout needs
+        none."""
+        attn, bounds = inputs.attn, list(bounds)
         if attn.context_bound:
             slices = packed_slices(attn.num_reqs, bounds)
         else:
-            slices = slice_requests(query_starts if query_starts is not None else attn.host[0], bounds)
+            starts = inputs.query_starts if inputs.query_starts is not None else attn.host[0]
+            slices = slice_requests(starts, bounds)
         num_tokens = attn.num_tokens
         hidden = torch.empty(num_tokens, self.model.config.hidden_size, dtype=self.model.lm_head.weight.dtype,
                              device=self.device)  # fmt: skip
@@ -52,7 +52,7 @@ class UBatchedForward:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         work = [functools.partial(self._forward, inputs, s, hidden, stream) for s in slices]
         with comm_sms_reserved(self.device, self.comm_sms):
-            self.last_trace = self.runtime.run(work)
+            self.runtime.run(work)
         return hidden
 
     def _forward(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twinbatch.engine.detokenizer import IncrementalDetokenizer
+from twinbatch.core.detokenizer import IncrementalDetokenizer
 from twinbatch.outputs import PromptLogprobs, RequestMetrics, SampleLogprobs
 from twinbatch.sampling_params import SamplingParams
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from twinbatch.engine.request import Request
+from twinbatch.core.request import Request
 
 
 class BlockManager:

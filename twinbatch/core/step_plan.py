@@ -1,0 +1,182 @@
+"""How one step runs, decided in one place: the overlap mode and why, the microbatch bounds, the CUDA graph (or
+eager), and the token counts across DP ranks.
+
+Each rank votes on microbatching before the per-step DP sync (the decode threshold for a batch of pure decodes,
+the prefill threshold otherwise); the votes ride on the sync's all-reduce with the token counts, and every rank
+then applies `StepPlanner.plan` to the same numbers, so they never disagree about the collectives to run.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from twinbatch.config import ParallelConfig
+from twinbatch.core.dp_sync import StepSync
+from twinbatch.core.scheduler import SchedulerOutput
+
+
+class OverlapMode(enum.Enum):
+    OFF = "off"  # one forward over the whole batch
+    DBO = "dbo"  # dual-batch overlap: microbatches that take turns computing and communicating
+
+
+class Reason(enum.Enum):
+    """Why a step ran as it did (counted per step in LLMEngine.get_stats()["dbo"])."""
+
+    MICROBATCHED = "microbatched"
+    BELOW_THRESHOLD = "below_threshold"
+    RANK_DISAGREED = "rank_disagreed"  # this rank voted yes, another no
+    EMPTY_MICROBATCH = "empty_microbatch"  # some rank's last microbatch would hold only padding
+    NOT_SUPPORTED = "not_supported"  # requests sharing KV blocks: a microbatch could read what a later one writes
+    DISABLED = "disabled"  # DBO is off
+    FORCED = "forced"  # the planner's `force` chose the mode (bench step)
+
+
+@dataclass(frozen=True)
+class GraphStep:
+    """A step run as a CUDA graph, as every DP rank agreed: `tokens` is its token bucket. A prefill graph takes
+    the packed attention layout, whose gather of every request's context is bounded by `context` rows
+    (AttentionMetadata.context_bound)."""
+
+    tokens: int
+    prefill: bool = False
+    context: int = 0  # prefill graphs only
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    batch: SchedulerOutput
+    mode: OverlapMode
+    reason: Reason
+    num_tokens: int  # this rank's tokens, padding included: the forward's size
+    max_tokens_across_dp: int  # the largest of any rank: the all-to-all buffers' size
+    ubatch_bounds: tuple[int, ...]  # token offsets of the microbatches: (0, num_tokens) for one
+    graph: GraphStep | None  # the CUDA graph the step replays as; None: eager
+
+    @property
+    def pad_requests(self) -> int:
+        """Tokens per padding request: a decode graph pads with one-token requests; other steps with tokens
+        that belong to no request."""
+        return 1 if self.graph is not None and not self.graph.prefill else 0
+
+    @property
+    def packed(self) -> GraphStep | None:
+        """The prefill graph whose packed attention layout the inputs take, if any."""
+        return self.graph if self.graph is not None and self.graph.prefill else None
+
+
+def ubatch_bounds(num_tokens: int, num_ubatches: int) -> list[int]:
+    """Token offsets of num_ubatches near-equal slices of [0, num_tokens); the earlier slices take the remainder."""
+    size, extra = divmod(num_tokens, num_ubatches)
+    bounds = [0]
+    for i in range(num_ubatches):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return bounds
+
+
+def last_ubatch_empty(num_tokens: int, padded_tokens: int, num_ubatches: int) -> bool:
+    """True when, cut into num_ubatches near-equal slices, the last slice of the padded range holds no real token."""
+    return ubatch_bounds(padded_tokens, num_ubatches)[-2] >= num_tokens
+
+
+def decide(my_reason: Reason | None, counts: list[int], votes: list[bool], num_ubatches: int) -> Reason:
+    """Whether the step microbatches, as this rank sees it; MICROBATCHED on one rank means MICROBATCHED on all."""
+    if my_reason is not None:
+        return my_reason
+    if not all(votes):
+        return Reason.RANK_DISAGREED
+    padded = max(counts)
+    if any(last_ubatch_empty(n, padded, num_ubatches) for n in counts):
+        return Reason.EMPTY_MICROBATCH
+    return Reason.MICROBATCHED
+
+
+class GraphBuckets:
+    """The step sizes CUDA graphs are captured for. Decode graphs: powers of two up to the batch rows, keyed also
+    by a context bucket (powers of two from 256) that bounds the batched attention's gather. Prefill graphs:
+    powers of two from 16 up to 512 tokens, then steps of 512 up to the token budget."""
+
+    def __init__(self, max_decode_tokens: int, max_model_len: int, max_prefill_tokens: int) -> None:
+        self.batch = _power_of_two_buckets(max_decode_tokens)
+        self.context = _power_of_two_buckets(max_model_len, start=256)
+        self.prefill = _prefill_buckets(max_prefill_tokens)
+
+    def batch_bucket(self, num_tokens: int) -> int | None:
+        return next((b for b in self.batch if b >= num_tokens), None)
+
+    def context_bucket(self, max_seq_len: int) -> int:
+        return next(c for c in self.context if c >= max_seq_len)
+
+    def prefill_bucket(self, context_tokens: int) -> int | None:
+        """The token bucket of a prefill graph whose requests' contexts (new tokens included) sum to
+        context_tokens; None past the token budget: such steps run eagerly."""
+        return next((b for b in self.prefill if b >= context_tokens), None)
+
+
+@dataclass(frozen=True)
+class StepPlanner:
+    """parallel: the DBO options; buckets: the CUDA-graph sizes, None where steps run eagerly; force: run every
+    step in this mode whatever the votes (bench step measures each mode on the same batch)."""
+
+    parallel: ParallelConfig
+    buckets: GraphBuckets | None = None
+    force: OverlapMode | None = None
+
+    def vote(self, batch: SchedulerOutput) -> Reason | None:
+        """This rank's proposal, before the DP sync: None votes to microbatch; otherwise the reason it does not.
+        An idle rank's dummy batch votes no."""
+        cfg = self.parallel
+        if not cfg.enable_dbo:
+            return Reason.DISABLED
+        if _shares_kv_blocks(batch):
+            return Reason.NOT_SUPPORTED
+        threshold = cfg.dbo_decode_token_threshold if batch.decode_only else cfg.dbo_prefill_token_threshold
+        return None if batch.num_tokens >= threshold else Reason.BELOW_THRESHOLD
+
+    def plan(self, batch: SchedulerOutput, vote: Reason | None, sync: StepSync) -> StepPlan:
+        """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced."""
+        n = self.parallel.ubatch_size
+        if self.force is not None:
+            mode, reason = self.force, Reason.FORCED
+        else:
+            reason = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, n)
+            mode = OverlapMode.DBO if reason is Reason.MICROBATCHED else OverlapMode.OFF
+        graph = self.graph(sync)
+        if graph is not None:
+            tokens = max_tokens = graph.tokens
+        else:
+            max_tokens = sync.max_tokens
+            tokens = max_tokens if mode is OverlapMode.DBO else max(batch.num_tokens, 1)
+        bounds = ubatch_bounds(tokens, n) if mode is OverlapMode.DBO else [0, tokens]
+        return StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph)
+
+    def graph(self, sync: StepSync) -> GraphStep | None:
+        """A decode graph when every rank has only decodes (or nothing) and the largest batch fits a bucket; else
+        a prefill graph when every rank's tokens and its requests' contexts (new tokens included) fit the token
+        budget; else None (eager), as always where there are no graphs."""
+        if self.buckets is None:
+            return None
+        if all(sync.decode_only) and (bucket := self.buckets.batch_bucket(sync.max_tokens)) is not None:
+            return GraphStep(bucket)
+        bucket = self.buckets.prefill_bucket(max(sync.max_tokens, *sync.context_tokens))
+        return GraphStep(bucket, prefill=True, context=bucket) if bucket is not None else None
+
+
+def _shares_kv_blocks(batch: SchedulerOutput) -> bool:
+    blocks = [b for s in batch.scheduled for b in s.request.block_ids]
+    return len(blocks) != len(set(blocks))
+
+
+def _power_of_two_buckets(limit: int, start: int = 1) -> list[int]:
+    buckets, b = [], start
+    while b < limit:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, limit]
+
+
+def _prefill_buckets(limit: int) -> list[int]:
+    """Powers of two up to 512 tokens, then steps of 512: a step pads by less than 512 tokens past that."""
+    small = _power_of_two_buckets(min(limit, 512), start=16)
+    return [*small, *range(1024, limit, 512), limit] if limit > 512 else small
