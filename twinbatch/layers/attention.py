@@ -12,9 +12,11 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from twinbatch.compilation import opaque
+from twinbatch.config.model import ModelConfig
 
 PADDING_SLOT = 0
 
@@ -223,3 +225,20 @@ def _request_of_rows(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     row = torch.arange(n, device=cu.device)
     req = torch.searchsorted(cu, row, right=True) - 1
     return req, row - cu[req.clamp(max=cu.shape[0] - 2)]
+
+
+class PagedAttention(nn.Module):
+    """What every attention layer holds besides its weights: the model config, the shared rotary embedding, the
+    kernels of decode steps and its slice of the paged KV cache, [num_blocks, block_size, *cache_entry_shape]."""
+
+    def __init__(
+        self, cfg: ModelConfig, rotary: nn.Module, backend: str = "reference", cache_blocks: tuple[int, int] = (0, 0)
+    ) -> None:
+        super().__init__()
+        self.cfg, self.rotary = cfg, rotary
+        self.decode_backend = backend  # "reference", or the kernels of decode steps: "batched", "triton"
+        self.kv_cache = torch.empty(*cache_blocks, *self.cache_entry_shape(cfg))  # read only where written
+
+    @staticmethod
+    def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
+        raise NotImplementedError

@@ -45,7 +45,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, options: ModelOptions) -> None:
         super().__init__()
         attention = ATTENTION_CLASSES[cfg.architecture]
-        self.self_attn = attention(cfg, rotary, options.attention_backend, options.kv_cache_blocks)
+        self.self_attn = attention(cfg, rotary, backend=options.attention_backend, cache_blocks=options.kv_cache_blocks)
         self.is_moe = cfg.moe_layers[layer_idx]
         self.mlp = (MoE(cfg, options.placement, options.moe_backend) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size))  # fmt: skip

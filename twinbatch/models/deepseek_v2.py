@@ -5,27 +5,27 @@ The cache holds, per token, the compressed latent (after kv_a_layernorm) and the
 per-head keys and values with kv_b_proj when attending.
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from twinbatch.compilation import opaque
 from twinbatch.config.model import ModelConfig
-from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
+from twinbatch.layers.attention import (
+    AttentionMetadata,
+    PagedAttention,
+    gather_batched,
+    paged_attention_reference,
+    write_kv,
+)
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding, softmax_scale
 
 
-class DeepseekV2Attention(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rotary: RotaryEmbedding,
-        backend: str = "reference",
-        cache_blocks: tuple[int, int] = (0, 0),
-    ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.rotary = rotary
+class DeepseekV2Attention(PagedAttention):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, **kernels: Any) -> None:
+        super().__init__(cfg, rotary, **kernels)  # PagedAttention: the decode kernels, the KV cache's size
         heads, self.qk_head_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(cfg.hidden_size, heads * self.qk_head_dim, bias=False)
@@ -38,9 +38,6 @@ class DeepseekV2Attention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.scale = softmax_scale(cfg.rope, self.qk_head_dim)
-        self.decode_backend = backend  # "reference", or the kernels of decode steps: "batched", "triton"
-        # [num_blocks, block_size, *cache_entry_shape]; read only where written
-        self.kv_cache = torch.empty(*cache_blocks, *self.cache_entry_shape(cfg))
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:

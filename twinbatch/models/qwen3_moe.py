@@ -3,27 +3,27 @@
 Cache: [num_blocks, block_size, 2, num_kv_heads, head_dim] (keys after norm and rope, then values).
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from twinbatch.compilation import opaque
 from twinbatch.config.model import ModelConfig
-from twinbatch.layers.attention import AttentionMetadata, gather_batched, paged_attention_reference, write_kv
+from twinbatch.layers.attention import (
+    AttentionMetadata,
+    PagedAttention,
+    gather_batched,
+    paged_attention_reference,
+    write_kv,
+)
 from twinbatch.layers.norm import RMSNorm
 from twinbatch.layers.rotary import RotaryEmbedding
 
 
-class Qwen3MoeAttention(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rotary: RotaryEmbedding,
-        backend: str = "reference",
-        cache_blocks: tuple[int, int] = (0, 0),
-    ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.rotary = rotary
+class Qwen3MoeAttention(PagedAttention):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, **kernels: Any) -> None:
+        super().__init__(cfg, rotary, **kernels)  # PagedAttention: the decode kernels, the KV cache's size
         heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, heads * d, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_heads * d, bias=False)
@@ -31,9 +31,6 @@ class Qwen3MoeAttention(nn.Module):
         self.o_proj = nn.Linear(heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.decode_backend = backend  # "reference", or the kernels of decode steps: "batched", "triton"
-        # [num_blocks, block_size, *cache_entry_shape]; read only where written
-        self.kv_cache = torch.empty(*cache_blocks, *self.cache_entry_shape(cfg))
 
     @staticmethod
     def cache_entry_shape(cfg: ModelConfig) -> tuple[int, ...]:
