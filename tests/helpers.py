@@ -8,6 +8,7 @@ worker processes the tests spawn, which inherit sys.path).
 
 import dataclasses
 import itertools
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -296,3 +297,11 @@ def metrics(url: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def six_expert_checkpoint(dsv2_dir: Path, tmp_path: Path) -> Path:
+    """The tiny DeepSeek-V2 config with 6 routed experts (3 groups), for three EP ranks; dummy weights."""
+    config = json.loads((dsv2_dir / "config.json").read_text())
+    config |= {"n_routed_experts": 6, "n_group": 3, "topk_group": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path

@@ -1,6 +1,5 @@
 """Data parallelism with expert parallelism across processes (gloo on 127.0.0.1) against one process."""
 
-import json
 import os
 import re
 import signal
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DP_MAX_TOKENS, DP_PROMPTS, greedy, running
+from helpers import DP_MAX_TOKENS, DP_PROMPTS, greedy, running, six_expert_checkpoint
 
 from twinbatch import LLM
 from twinbatch.engine.dp_client import HEARTBEAT_TIMEOUT_S
@@ -38,14 +37,6 @@ def test_dp2_ep2_matches_one_process(dsv2_dir: Path, reference: dict, backend: s
         assert greedy(llm, DP_PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
     finally:
         llm.shutdown()
-
-
-def six_expert_checkpoint(dsv2_dir: Path, tmp_path: Path) -> Path:
-    """The tiny DeepSeek-V2 config with 6 routed experts (3 groups), for three EP ranks; dummy weights."""
-    config = json.loads((dsv2_dir / "config.json").read_text())
-    config |= {"n_routed_experts": 6, "n_group": 3, "topk_group": 2}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
 
 
 def test_dp3_matches_one_process(dsv2_dir: Path, tmp_path: Path) -> None:

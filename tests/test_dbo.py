@@ -119,7 +119,7 @@ def _logits_on_and_off(rank: int, port: int, model_dir: str) -> None:
     config = args.create_engine_config()
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank))
     state = init_distributed(config.parallel, config.device)
-    off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, enable_dbo=False))
+    off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, overlap="off"))
     logits = [record_logits(LLMEngine(c, state), LONG[rank::2], [8, 8]) for c in (off, config)]
     assert logits[0].keys() == logits[1].keys()
     for rid in logits[0]:

@@ -14,7 +14,7 @@ from helpers import assert_close_until_a_tie, greedy, make_cache, make_meta, pac
 from twinbatch import LLM
 from twinbatch.config.model import ModelConfig
 from twinbatch.layers.attention import AttentionMetadata
-from twinbatch.layers.moe import Experts
+from twinbatch.layers.moe import Experts, forward_grouped, forward_reference
 from twinbatch.layers.rotary import RotaryEmbedding
 from twinbatch.models.deepseek_v2 import DeepseekV2Attention
 from twinbatch.models.presets import PRESETS
@@ -174,8 +174,8 @@ def test_triton_experts_match_grouped_mm_and_reference(num_tokens: int) -> None:
     experts, (x, weights, ids) = v2_lite_experts(), v2_lite_routing(num_tokens)
     out = triton_moe.fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)
     assert torch.equal(out, triton_moe.fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids))
-    grouped = experts._forward_grouped(x, weights, ids)
-    expected = experts.float()._forward_reference(x.float(), weights, ids)  # .float() converts in place: last
+    grouped = forward_grouped(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+    expected = forward_reference(x.float(), weights, ids, experts.gate_up_proj.float(), experts.down_proj.float())
     assert not out.isnan().any()
     assert_as_close_as_batched(out, grouped, expected)
 
@@ -191,7 +191,7 @@ def test_triton_experts_timing(num_tokens: int) -> None:
     tiles = triton_moe.tiles_for(ids.numel() / 32, x.dtype)
     triton_ms = time_ms(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids))
     align_ms = time_ms(lambda: triton_moe.align_block_size(ids, 32, tiles.block_m))
-    grouped_ms = time_ms(lambda: experts._forward_grouped(x, weights, ids))
+    grouped_ms = time_ms(lambda: forward_grouped(x, weights, ids, experts.gate_up_proj, experts.down_proj))
     gbytes = (gate_up.numel() + down.numel()) * 2 / 1e9
     print(f"\nMoE experts, {num_tokens} tokens x top-6, 32 local experts ({gbytes:.2f} GB of weights), {tiles}: "
           f"triton {triton_ms:.3f} ms ({gbytes / triton_ms:.2f} TB/s; align step {align_ms:.3f} ms), grouped_mm "

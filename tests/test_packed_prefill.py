@@ -104,7 +104,7 @@ def _packed_under_dbo(rank: int, port: int, model_dir: str) -> None:
     config = args.create_engine_config()
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank))
     state = init_distributed(config.parallel, config.device)
-    off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, enable_dbo=False))
+    off = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, overlap="off"))
     logits = []
     for c, step in ((off, None), (config, packed_steps)):
         engine = LLMEngine(c, state)

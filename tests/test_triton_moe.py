@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import DP_MAX_TOKENS, DP_PROMPTS, HF_PROMPTS, Interpreter, greedy, make_llm, run_recording, widen_bf16_dot
 
-from twinbatch.layers.moe import Experts
+from twinbatch.layers.moe import Experts, forward_grouped, forward_reference
 
 pytest.importorskip("triton")
 
@@ -54,7 +54,8 @@ def assert_matches_reference(out: torch.Tensor, experts: Experts, inputs: tuple)
     """Against the reference experts in float32 on the same (rounded) weights and inputs: float32 within 1e-5,
     bf16 within its rounding (2e-2, or 1% of larger values)."""
     x, weights, ids = inputs
-    expected = copy.deepcopy(experts).float()._forward_reference(x.float(), weights, ids)
+    ref = copy.deepcopy(experts).float()
+    expected = forward_reference(x.float(), weights, ids, ref.gate_up_proj, ref.down_proj)
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
         return
@@ -124,7 +125,7 @@ def test_prefill_sized_bf16_batches_take_grouped_mm(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     experts.backend = "triton"
     out = experts(x, weights, ids)
-    assert torch.equal(out, experts._forward_grouped(x, weights, ids))
+    assert torch.equal(out, forward_grouped(x, weights, ids, experts.gate_up_proj, experts.down_proj))
 
 
 def _whole_model(model_dir: Path) -> tuple[list, list, int]:

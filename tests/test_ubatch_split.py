@@ -85,7 +85,7 @@ def test_decide(mine: Reason | None, counts: list[int], votes: list[bool], k: in
 
 
 def dbo_config(**kw: Any) -> ParallelConfig:
-    return ParallelConfig(data_parallel_size=2, enable_expert_parallel=True, enable_dbo=True, **kw)
+    return ParallelConfig(data_parallel_size=2, enable_expert_parallel=True, overlap="dbo", **kw)
 
 
 def batch(new: list[int], blocks: list[list[int]] | None = None) -> SchedulerOutput:
@@ -150,7 +150,7 @@ def test_attention_oracle_detects_reordered_ubatches() -> None:
 )
 def test_dbo_config_rejected(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ParallelConfig(**{"data_parallel_size": 2, "enable_expert_parallel": True, "enable_dbo": True, **kw})
+        ParallelConfig(**{"data_parallel_size": 2, "enable_expert_parallel": True, "overlap": "dbo", **kw})
 
 
 def test_dbo_config_accepted_and_backend_without_dbo_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,13 +21,14 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from twinbatch.bench.profile import profile_step
-from twinbatch.bench.step_report import overlap_efficiency, plot_sweep, table
+from twinbatch.bench.step_report import overlap_efficiency, plot_sweep, report_keys, table
 from twinbatch.config import EngineConfig
 from twinbatch.core.block_manager import BlockManager
 from twinbatch.core.dp_sync import StepSync
 from twinbatch.core.request import Request
 from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.core.step_plan import OverlapMode, StepPlan, StepPlanner
+from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.distributed.collectives import COLLECTIVES, Collectives
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
 from twinbatch.engine.arg_utils import EngineArgs
@@ -74,7 +75,7 @@ def measure(args: argparse.Namespace, points: list[int]) -> Iterator[dict[str, A
     `points`; yields rank 0's report of each as it comes."""
     engine_args = EngineArgs.from_cli_args(args)
     sizing = argparse.Namespace(**{**vars(args), "tokens_per_rank": max(points)})
-    engine_args = dataclasses.replace(engine_args, enable_dbo=engine_args.data_parallel_size > 1,
+    engine_args = dataclasses.replace(engine_args, overlap="dbo" if engine_args.data_parallel_size > 1 else "off",
                                       **_cache_size(sizing), master_port=free_port())  # fmt: skip
     config = engine_args.create_engine_config()
     results = mp.get_context("spawn").SimpleQueue()
@@ -144,56 +145,71 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
 
 def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> tqdm:
     """Rank 0's bar, on stderr, over every step that _measure_modes (or the single mode) times, warm-up included."""
-    modes = 1 if not runner.config.parallel.enable_dbo else 7 if _plan(runner, batch, OverlapMode.OFF).graph else 5
-    total = modes * (opts["warmup"] + opts["num_steps"])
+    modes = list(bench_modes(runner.config)) if runner.config.parallel.enable_dbo else []
+    per_mode = 3 if _plan(runner, batch, OverlapMode.OFF).graph else 2  # timed, [eager,] compute only
+    total = (max(1, per_mode * len(modes) + len(modes) - 1)) * (opts["warmup"] + opts["num_steps"])
     desc = f"{opts['tokens_per_rank']} tokens per rank"
     return tqdm(total=total, desc=desc, unit="step", disable=rank != 0 or opts["disable_tqdm"])
 
 
+def bench_modes(config: EngineConfig) -> dict[str, tuple[OverlapMode, int]]:
+    """The modes a DP launch measures, by label: off, dbo, and SBO in 2 and 4 rounds where the backend supports
+    it and each rank holds that many experts."""
+    local = config.model.num_experts // config.parallel.ep_size
+    sbo = {f"sbo{r}": (OverlapMode.SBO, r) for r in SBO_ROUNDS if r <= local}
+    sbo = sbo if BACKENDS[config.parallel.all2all_backend].supports_sbo else {}
+    return {"off": (OverlapMode.OFF, 1), "dbo": (OverlapMode.DBO, 1), **sbo}
+
+
+SBO_ROUNDS = (2, 4)
+
+
 def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts: dict, bar: tqdm) -> Times:
-    """DBO off and on, as CUDA graphs where the engine would replay the step as one (and eagerly too); then the
-    decomposition: compute only (communication replaced by local copies of the same shapes), with DBO off and
-    on, and communication only (the DBO step's recorded collectives, replayed back to back)."""
+    """Every mode of bench_modes, as CUDA graphs where the engine would replay the step as one (and eagerly too);
+    then each one's decomposition: compute only (communication replaced by local copies of the same shapes), and
+    communication only (the mode's recorded collectives, replayed back to back)."""
+    modes = bench_modes(runner.config)
 
-    off, dbo = OverlapMode.OFF, OverlapMode.DBO
-
-    def step(mode: OverlapMode, graph: bool = True) -> Callable[[], object]:
-        return _step(runner, batch, mode, graph)
+    def step(label: str, graph: bool = True) -> Callable[[], object]:
+        mode, rounds = modes[label]
+        return _step(runner, batch, mode, graph, rounds)
 
     def timed(fn: Callable[[], object]) -> list[tuple[float, float]]:
         return _time(fn, runner, group, opts, bar)
 
-    graphed = _plan(runner, batch, off).graph is not None
-    times = {"dbo_off": timed(step(off)), "dbo_on": timed(step(dbo))}
+    graphed = _plan(runner, batch, OverlapMode.OFF).graph is not None
+    times = {report_keys(label)[0]: timed(step(label)) for label in modes}
     if graphed:
-        times["dbo_off_eager"] = timed(step(off, graph=False))
-        times["dbo_on_eager"] = timed(step(dbo, graph=False))
+        times |= {report_keys(label)[0] + "_eager": timed(step(label, graph=False)) for label in modes}
         runner.graphs.clear()  # the compute-only steps are captured anew, without communication
     with COLLECTIVES.skipped():
-        times["compute_only"] = timed(step(off))
-        times["compute_only_dbo"] = timed(step(dbo))
-    COLLECTIVES.recording = []
-    if graphed:
-        runner.graphs.clear()
-    step(dbo, graph=False)()
-    recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
-    times["comm_only"] = timed(lambda: Collectives.replay(recorded))
+        times |= {report_keys(label)[1]: timed(step(label)) for label in modes}
+    for label in list(modes)[1:]:
+        COLLECTIVES.recording = []
+        if graphed:
+            runner.graphs.clear()
+        step(label, graph=False)()
+        recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
+        times[report_keys(label)[2]] = timed(lambda recorded=recorded: Collectives.replay(recorded))
     return times
 
 
-def _plan(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True) -> StepPlan:
-    """The engine's plan of the step, in `mode` whatever the DBO vote: a CUDA graph where the engine would replay
-    one (decode, or prefill in the packed layout), unless `graph` is False. Every rank runs the same batch, so
-    these are the numbers every rank's DP sync would return."""
-    planner = StepPlanner(runner.config.parallel, runner.buckets if graph else None, force=mode)
+def _plan(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True, rounds: int = 1
+          ) -> StepPlan:  # fmt: skip
+    """The engine's plan of the step, in `mode` (SBO in `rounds`) whatever the DBO vote: a CUDA graph where the
+    engine would replay one (decode, or prefill in the packed layout), unless `graph` is False. Every rank runs
+    the same batch, so these are the numbers every rank's DP sync would return."""
+    parallel = dataclasses.replace(runner.config.parallel, sbo_rounds=rounds)
+    planner = StepPlanner(parallel, runner.buckets if graph else None, force=mode)
     dp = runner.config.parallel.data_parallel_size
     sync = StepSync([batch.num_tokens] * dp, [True] * dp, [batch.decode_only] * dp, [batch.num_context_tokens] * dp,
                     stop=False)  # fmt: skip
     return planner.plan(batch, None, sync)
 
 
-def _step(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True) -> Callable[[], object]:
-    plan = _plan(runner, batch, mode, graph)
+def _step(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True, rounds: int = 1
+          ) -> Callable[[], object]:  # fmt: skip
+    plan = _plan(runner, batch, mode, graph, rounds)
     return lambda: runner.execute_model(plan)
 
 
@@ -253,12 +269,8 @@ def _report(
 
     report = {name: stats(t) for name, t in times.items()}
     if "dbo_on" in report:
-        off, on = report["dbo_off"]["median_ms"], report["dbo_on"]["median_ms"]
-        ideal = max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])
-        report["speedup"] = off / on
-        report["ideal_ms"] = ideal
-        report["comm_share"] = report["comm_only"]["median_ms"] / off
-        report["overlap_efficiency"] = overlap_efficiency(report)[0]
+        report["modes"] = {label: _summary(report, label) for label in bench_modes(config) if label != "off"}
+        report |= report["modes"]["dbo"]  # DBO's figures at the top too, under their first names
     report["setup"] = _setup(opts, config, runner)
     bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
     compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication
@@ -266,6 +278,14 @@ def _report(
         report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
         report["compute_only_vs_roofline"] = compute["median_ms"] / report["hbm_roofline_ms"]
     return report
+
+
+def _summary(report: dict[str, Any], label: str) -> dict[str, float | None]:
+    """A mode against off: its speed-up, its ideal max(compute, communication) and overlap efficiency."""
+    step, compute, comm = (report[key]["median_ms"] for key in report_keys(label))
+    off = report["dbo_off"]["median_ms"]
+    summary = {"speedup": off / step, "ideal_ms": max(compute, comm), "comm_share": comm / off}
+    return summary | {"overlap_efficiency": overlap_efficiency(report, label, summary["ideal_ms"])[0]}
 
 
 def _setup(opts: dict, config: EngineConfig, runner: ModelRunner) -> dict[str, Any]:

@@ -11,19 +11,22 @@ from typing import Any
 MIN_COMM_SHARE = 0.1
 
 
-def overlap_efficiency(report: dict[str, Any]) -> tuple[float | None, str]:
-    """(T_off - T_on) / (T_off - ideal) and its text, or None and why it is not measurable: communication under
-    MIN_COMM_SHARE of the DBO-off step, or a possible saving (T_off - ideal) within the spread (p90 - p10) of the
-    DBO-off or DBO-on steps, which no difference of their medians can resolve."""
-    off, on, ideal = report["dbo_off"], report["dbo_on"], report["ideal_ms"]
-    share = report["comm_only"]["median_ms"] / off["median_ms"]
+def overlap_efficiency(report: dict[str, Any], label: str = "dbo", ideal: float | None = None
+                       ) -> tuple[float | None, str]:  # fmt: skip
+    """(T_off - T_mode) / (T_off - ideal) of an overlap mode (DBO by default; its ideal from the report unless
+    given) and its text, or None and why it is not measurable: communication under MIN_COMM_SHARE of the off
+    step, or a possible saving (T_off - ideal) within the spread (p90 - p10) of the off step or the mode's,
+    which no difference of their medians can resolve."""
+    step, _, comm = report_keys(label)
+    off, on, ideal = report["dbo_off"], report[step], report["ideal_ms"] if ideal is None else ideal
+    share = report[comm]["median_ms"] / off["median_ms"]
     if share < MIN_COMM_SHARE:
         return None, f"n/a (communication is {share:.0%} of the step)"
     saving, spread = off["median_ms"] - ideal, max(m["p90_ms"] - m["p10_ms"] for m in (off, on))
     if saving <= 0:
-        return None, "n/a (microbatching adds more compute than there is communication to hide)"
+        return None, f"n/a ({mode_name(label)} adds more compute than there is communication to hide)"
     if saving <= spread:
-        return None, f"n/a (DBO could save {saving:.2f} ms, within the steps' spread of {spread:.2f} ms)"
+        return None, f"n/a ({mode_name(label)} could save {saving:.2f} ms, within the steps' spread of {spread:.2f} ms)"
     efficiency = (off["median_ms"] - on["median_ms"]) / saving
     return efficiency, f"{efficiency:.0%}"
 
@@ -34,15 +37,16 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"model: {setup['model']}{overrides} ({setup['load_format']} weights)",
              f"setup: {setup}",
              f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'host ms':>9} {'tok/s':>10}"]  # fmt: skip
-    for name in ("single", "dbo_off", "dbo_on", "dbo_off_eager", "dbo_on_eager", "compute_only", "compute_only_dbo",
-                 "comm_only"):  # fmt: skip
+    steps = ["single", *(k for label in LABELS for k in (report_keys(label)[0], report_keys(label)[0] + "_eager"))]
+    for name in steps + [k for label in LABELS for k in report_keys(label)[1:] if k]:
         if name in report:
             r = report[name]
             ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} {r['host_median_ms']:9.2f}"
             lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
-    if "speedup" in report:
-        lines.append(f"DBO speedup (off / on): {report['speedup']:.3f}x; ideal max(compute, comm) "
-                     f"{report['ideal_ms']:.2f} ms; overlap efficiency {overlap_efficiency(report)[1]}")  # fmt: skip
+    for label, m in report.get("modes", {}).items():
+        efficiency = overlap_efficiency(report, label, m["ideal_ms"])[1]
+        lines.append(f"{mode_name(label)} speedup (off / {label}): {m['speedup']:.3f}x; ideal max(compute, comm) "
+                     f"{m['ideal_ms']:.2f} ms; overlap efficiency {efficiency}")  # fmt: skip
     if "hbm_roofline_ms" in report:
         lines.append(f"HBM roofline {report['hbm_roofline_ms']:.2f} ms; compute only (DBO off) is "
                      f"{report['compute_only_vs_roofline']:.2f}x of it")  # fmt: skip
@@ -59,14 +63,34 @@ def plot_sweep(reports: list[dict[str, Any]], path: str) -> None:
         raise SystemExit("--sweep draws its chart with matplotlib: pip install matplotlib") from None
     tokens = [r["setup"]["tokens_per_rank"] for r in reports]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("dbo_off", "DBO off"), ("dbo_on", "DBO on")):
-        ax.plot(tokens, [r[key]["median_ms"] for r in reports], marker="o", label=label)
-    ax.plot(tokens, [r["ideal_ms"] for r in reports], linestyle="--", label="ideal max(compute, comm)")
+    for label in [label for label in LABELS if report_keys(label)[0] in reports[0]]:
+        ax.plot(tokens, [r[report_keys(label)[0]]["median_ms"] for r in reports], marker="o", label=label)
+    for label in reports[0].get("modes", {}):
+        ideal = [r["modes"][label]["ideal_ms"] for r in reports]
+        ax.plot(tokens, ideal, linestyle="--", label=f"{label} ideal max(compute, comm)")
     ax.set(xscale="log", xlabel="tokens per rank", ylabel="median step time (ms)", title=_title(reports[0]))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+LABELS = ("off", "dbo", "sbo2", "sbo4")  # the modes bench step measures (bench/step.py bench_modes), in order
+
+
+def mode_name(label: str) -> str:
+    return (
+        "DBO" if label == "dbo" else f"SBO in {label.removeprefix('sbo')} rounds" if label.startswith("sbo") else label
+    )
+
+
+def report_keys(label: str) -> tuple[str, str, str]:
+    """(step, compute only, communication only) keys of a mode in the report; DBO's keep their first names."""
+    if label == "off":
+        return "dbo_off", "compute_only", ""
+    if label == "dbo":
+        return "dbo_on", "compute_only_dbo", "comm_only"
+    return label, f"compute_only_{label}", f"comm_only_{label}"
 
 
 def _title(report: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ def option(default: Any, text: str, choices: tuple[str, ...] | None = None) -> A
     return field(default=default, metadata={"help": text, "choices": choices})
 
 
+OVERLAP_MODES = ("off", "dbo", "sbo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -86,11 +87,16 @@ class ParallelConfig:
     node_rank: int = option(0, "this node's index; node 0 runs the front end")
     master_addr: str = option("127.0.0.1", "address of node 0, where every rank meets")
     master_port: int = option(29500, "port on --master-addr where every rank meets")
-    enable_dbo: bool = option(
-        False,
-        "dual-batch overlap: split steps that reach a threshold into microbatches, so one communicates while "
-        "another computes (needs --enable-expert-parallel and --data-parallel-size 2 or more)",
+    overlap: str = option(
+        "off",
+        "how a step hides the expert-parallel all-to-alls (needs --enable-expert-parallel and --data-parallel-size 2 "
+        "or more); off: only the shared experts run beside the dispatch; dbo (--enable-dbo): dual-batch overlap, "
+        "steps that reach a threshold split into microbatches, one communicating while another computes; sbo "
+        "(--enable-single-batch-overlap): single-batch overlap, the local experts in --sbo-rounds groups, one "
+        "group's tokens travelling while another group computes",
+        OVERLAP_MODES,
     )
+    sbo_rounds: int = option(2, "groups of local experts per SBO step (1: the shared experts' overlap alone)")
     ubatch_size: int = option(2, "microbatches per DBO step")
     dbo_decode_token_threshold: int = option(
         32, "a rank's batch of only decodes votes to microbatch from this many tokens"
@@ -110,15 +116,30 @@ class ParallelConfig:
             raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.all2all_backend not in BACKENDS:
             raise ValueError(f"all2all_backend={self.all2all_backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap={self.overlap!r}; choose one of {', '.join(OVERLAP_MODES)}")
+        if self.overlap != "off" and self.ep_size < 2:
+            raise ValueError(
+                f"overlap={self.overlap!r} overlaps the expert-parallel all-to-alls: it needs "
+                "--enable-expert-parallel and --data-parallel-size 2 or more"
+            )
         if self.enable_dbo:
             self._check_dbo()
+        if self.overlap == "sbo":
+            self._check_sbo()
+
+    @property
+    def enable_dbo(self) -> bool:
+        return self.overlap == "dbo"
+
+    def _check_sbo(self) -> None:
+        if self.sbo_rounds < 1:
+            raise ValueError(f"sbo_rounds must be >= 1 group of experts, got {self.sbo_rounds}")
+        if not BACKENDS[self.all2all_backend].supports_sbo:
+            raise ValueError(f"all2all_backend={self.all2all_backend!r} cannot exchange tokens in rounds; choose "
+                             "another backend or another --overlap")  # fmt: skip
 
     def _check_dbo(self) -> None:
-        if self.ep_size < 2:
-            raise ValueError(
-                "enable_dbo overlaps the expert-parallel all-to-alls: it needs --enable-expert-parallel "
-                "and --data-parallel-size 2 or more"
-            )
         if self.ubatch_size < 2:
             raise ValueError(f"ubatch_size must be >= 2 microbatches, got {self.ubatch_size}")
         for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
@@ -200,6 +221,10 @@ class EngineConfig:
                 f"{self.model.num_experts} routed experts do not split evenly over {self.parallel.ep_size} "
                 "expert-parallel ranks; choose a data_parallel_size that divides the expert count"
             )
+        local = self.model.num_experts // self.parallel.ep_size
+        if self.parallel.overlap == "sbo" and self.parallel.sbo_rounds > local:
+            raise ValueError(f"sbo_rounds ({self.parallel.sbo_rounds}) exceeds the {local} routed experts of each "
+                             f"expert-parallel rank; choose at most {local} rounds")  # fmt: skip
         usable = self.cache.num_blocks - 1  # block 0 takes padding writes
         if self.scheduler.max_model_len > usable * self.cache.block_size:
             raise ValueError(

@@ -9,6 +9,7 @@ then applies `StepPlanner.plan` to the same numbers, so they never disagree abou
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from twinbatch.config import ParallelConfig
@@ -19,6 +20,9 @@ from twinbatch.core.scheduler import SchedulerOutput
 class OverlapMode(enum.Enum):
     OFF = "off"  # one forward over the whole batch
     DBO = "dbo"  # dual-batch overlap: microbatches that take turns computing and communicating
+    SBO = (
+        "sbo"  # single-batch overlap: the local experts in rounds, one round's tokens travelling while another computes
+    )
 
 
 class Reason(enum.Enum):
@@ -30,6 +34,7 @@ class Reason(enum.Enum):
     EMPTY_MICROBATCH = "empty_microbatch"  # some rank's last microbatch would hold only padding
     NOT_SUPPORTED = "not_supported"  # requests sharing KV blocks: a microbatch could read what a later one writes
     DISABLED = "disabled"  # DBO is off
+    CONFIGURED = "configured"  # the mode --overlap names, taken by every step (sbo)
     FORCED = "forced"  # the planner's `force` chose the mode (bench step)
 
 
@@ -53,6 +58,12 @@ class StepPlan:
     max_tokens_across_dp: int  # the largest of any rank: the all-to-all buffers' size
     ubatch_bounds: tuple[int, ...]  # token offsets of the microbatches: (0, num_tokens) for one
     graph: GraphStep | None  # the CUDA graph the step replays as; None: eager
+    sbo_rounds: int = 1  # round trips of the MoE layers' experts: > 1 only in SBO
+
+    @property
+    def label(self) -> str:
+        """The mode with its shape: "off", "dbo", "sbo2" (SBO in 2 rounds); CUDA graphs are keyed by it."""
+        return self.mode.value + (str(self.sbo_rounds) if self.mode is OverlapMode.SBO else "")
 
     @property
     def pad_requests(self) -> int:
@@ -139,6 +150,8 @@ class StepPlanner:
         n = self.parallel.ubatch_size
         if self.force is not None:
             mode, reason = self.force, Reason.FORCED
+        elif self.parallel.overlap == "sbo":
+            mode, reason = OverlapMode.SBO, Reason.CONFIGURED
         else:
             reason = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, n)
             mode = OverlapMode.DBO if reason is Reason.MICROBATCHED else OverlapMode.OFF
@@ -149,7 +162,8 @@ class StepPlanner:
             max_tokens = sync.max_tokens
             tokens = max_tokens if mode is OverlapMode.DBO else max(batch.num_tokens, 1)
         bounds = ubatch_bounds(tokens, n) if mode is OverlapMode.DBO else [0, tokens]
-        return StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph)
+        rounds = self.parallel.sbo_rounds if mode is OverlapMode.SBO else 1
+        return StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph, rounds)
 
     def graph(self, sync: StepSync) -> GraphStep | None:
         """A decode graph when every rank has only decodes (or nothing) and the largest batch fits a bucket; else
@@ -180,3 +194,11 @@ def _prefill_buckets(limit: int) -> list[int]:
     """Powers of two up to 512 tokens, then steps of 512: a step pads by less than 512 tokens past that."""
     small = _power_of_two_buckets(min(limit, 512), start=16)
     return [*small, *range(1024, limit, 512), limit] if limit > 512 else small
+
+
+def overlap_counts(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, dict[str, int]]:
+    """((mode, reason), steps) pairs -> {mode: {reason: steps}}, summed, sorted."""
+    out: dict[str, dict[str, int]] = {}
+    for (mode, reason), steps in sorted(counts):
+        out.setdefault(mode, {})[reason] = out.get(mode, {}).get(reason, 0) + steps
+    return out

@@ -127,12 +127,24 @@ class EngineArgs:
         "torch.compile of the decoder layers: a level 0-3 (-O0 turns it off) or JSON such as '{\"level\": 0}' "
         "(default: 3 on GPU, 0 on CPU)",
     )
+    enable_dbo: bool = _flag(False, "vLLM's name for --overlap dbo")
+    enable_single_batch_overlap: bool = _flag(False, "SGLang's name for --overlap sbo")
+
+    def _overlap(self) -> str:
+        """--overlap, or the mode its alias flags name."""
+        chosen = {mode for mode, flag in (("dbo", self.enable_dbo), ("sbo", self.enable_single_batch_overlap)) if flag}
+        if self.overlap != "off":
+            chosen.add(self.overlap)
+        if len(chosen) > 1:
+            raise ValueError(f"overlap modes {sorted(chosen)} were both asked for (--overlap, --enable-dbo, "
+                             "--enable-single-batch-overlap); choose one")  # fmt: skip
+        return chosen.pop() if chosen else "off"
 
     def _parallel_config(self) -> ParallelConfig:
         """Under torchrun each of its processes is one node of data_parallel_size // WORLD_SIZE ranks; its
         MASTER_PORT belongs to torchrun's own store, so twinbatch's ranks meet on the next port."""
         names = [f.name for f in dataclasses.fields(ParallelConfig) if "help" in f.metadata]
-        fields = {name: getattr(self, name) for name in names}
+        fields = {name: getattr(self, name) for name in names} | {"overlap": self._overlap()}
         env = os.environ
         if "TORCHELASTIC_RUN_ID" in env and self.nnodes == 1 and self.data_parallel_size > 1:
             fields |= dict(

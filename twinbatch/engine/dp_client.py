@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from multiprocessing.process import BaseProcess
 
 from twinbatch.config import EngineConfig
+from twinbatch.core.step_plan import overlap_counts
 from twinbatch.distributed.parallel_state import TIMEOUT_S
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.launcher import AUTHKEY, frontend_address, spawn_workers, with_free_ports
@@ -92,11 +93,14 @@ class DPEngineClient:
             self._send(rank, ("abort", request_id))
 
     def get_stats(self) -> dict:
-        """Per-rank engine statistics as last reported, and DBO step counts summed over ranks."""
+        """Per-rank engine statistics as last reported, and DBO and overlap step counts summed over ranks."""
         dbo: Counter[str] = Counter()
         for stats in self.rank_stats.values():
             dbo.update(stats["dbo"])
-        return {"ranks": dict(sorted(self.rank_stats.items())), "dbo": dict(dbo)}
+        per_rank = (stats["overlap"].items() for stats in self.rank_stats.values())
+        overlap = overlap_counts(((mode, reason), n) for items in per_rank for mode, reasons in items
+                                 for reason, n in reasons.items())  # fmt: skip
+        return {"ranks": dict(sorted(self.rank_stats.items())), "dbo": dict(dbo), "overlap": overlap}
 
     def _send(self, rank: int, msg: tuple) -> None:
         """Queues a message for the rank's sender thread. Sending never blocks the front end: a burst of

@@ -15,7 +15,7 @@ from twinbatch.core.detokenizer import IncrementalDetokenizer
 from twinbatch.core.dp_sync import DPSync
 from twinbatch.core.request import Request
 from twinbatch.core.scheduler import Scheduler, SchedulerOutput
-from twinbatch.core.step_plan import StepPlan, StepPlanner
+from twinbatch.core.step_plan import StepPlan, StepPlanner, overlap_counts
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
@@ -39,6 +39,7 @@ class LLMEngine:
         self.stopped = False  # set when every DP rank agreed to stop
         self.planner = StepPlanner(config.parallel, self.model_runner.buckets)
         self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (step_plan.Reason values)
+        self.overlap_stats: Counter[tuple[str, str]] = Counter()  # steps by (StepPlan.label, Reason value)
         self.num_prompt_tokens = 0  # of every request added, ever
         self.num_generation_tokens = 0  # every token sampled, ever
         self.num_aborted = 0  # requests aborted before they finished, ever
@@ -67,7 +68,8 @@ class LLMEngine:
             self.num_aborted += 1
 
     def get_stats(self) -> dict:
-        """Engine statistics; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
+        """Engine statistics; `overlap` counts steps by overlap mode ("off", "dbo", "sbo2": SBO in 2 rounds) and
+        the reason it was chosen; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
         `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, overlap mode) or
         ("prefill", token bucket, request rows, overlap mode), the mode an OverlapMode value ("off", "dbo"). The token
         counts are totals since the engine started."""
@@ -80,6 +82,7 @@ class LLMEngine:
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
             "dbo": dict(self.dbo_stats),
+            "overlap": overlap_counts(self.overlap_stats.items()),
             "cuda_graphs": sorted(self.model_runner.graphs.graphs) if self.model_runner.graphs else [],
         }
 
@@ -108,7 +111,8 @@ class LLMEngine:
         return self._process(batch, out)
 
     def _count(self, plan: StepPlan) -> None:
-        """Steps by DBO outcome (with DBO on): microbatched, or why not."""
+        """Steps by overlap mode and why; with DBO on, by DBO outcome: microbatched, or why not."""
+        self.overlap_stats[plan.label, plan.reason.value] += 1
         parallel = self.config.parallel
         if parallel.enable_dbo:
             self.dbo_stats[plan.reason.value] += 1

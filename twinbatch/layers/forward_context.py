@@ -22,3 +22,4 @@ class ForwardContext:
     attn: AttentionMetadata
     max_tokens_across_dp: int  # the largest token count of any DP rank in this (micro)batch: all-to-all sizes
     ubatch: Yields | None = None  # set when this forward is one microbatch of a DBO step
+    sbo_rounds: int = 1  # > 1: single-batch overlap, the local experts in this many round trips (layers/moe.py)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twinbatch.compilation import opaque
 from twinbatch.config.model import ModelConfig
 from twinbatch.distributed.all2all import All2AllBackend
 from twinbatch.layers.forward_context import ForwardContext
@@ -83,17 +88,26 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, group: range | None = None
+    ) -> torch.Tensor:
         """x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
-        Returns the routing-weighted sum over each token's experts, [num_tokens, H]."""
+        Returns the routing-weighted sum over each token's experts, [num_tokens, H]. With `group`, only those
+        local experts compute (their weights alone are read) and every other id is skipped: one round of SBO."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if group is not None and len(group) < self.num_experts:
+            n = len(group)
+            ids = topk_ids - group.start
+            topk_ids = ids.masked_fill((ids < 0) | (ids >= n), n)
+            gate_up, down = gate_up[group.start : group.stop], down[group.start : group.stop]
         if x.shape[0] and self.backend == "triton" and not self._grouped_is_faster(x, topk_ids):
             from twinbatch.layers import triton_moe  # Triton is optional: imported only on this backend
 
-            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+            return triton_moe.fused_experts(x, gate_up, down, topk_weights, topk_ids)
         grouped = self.backend in ("grouped_mm", "triton")  # triton: its prefill-sized bfloat16 batches
         if x.shape[0] and grouped and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-            return self._forward_grouped(x, topk_weights, topk_ids)
-        return self._forward_reference(x, topk_weights, topk_ids)
+            return forward_grouped(x, topk_weights, topk_ids, gate_up, down)
+        return forward_reference(x, topk_weights, topk_ids, gate_up, down)
 
     @staticmethod
     def _grouped_is_faster(x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
@@ -102,50 +116,64 @@ class Experts(nn.Module):
         guard, hence no new variant to compile."""
         return x.dtype == torch.bfloat16 and topk_ids.numel() > RANK_SORT_MAX_PAIRS
 
-    def _forward_grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Two grouped GEMMs over the (token, expert) pairs sorted by expert: no loop, no host synchronisation."""
-        k, flat = topk_ids.shape[1], topk_ids.flatten()
-        order, offs = sort_by_expert(flat, self.num_experts)  # skipped ids (>= num_experts) sort last
-        tokens = order // k
-        gate, up = torch._grouped_mm(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
-        # back to [num_tokens, k] order (gathers, which Inductor fuses with the weighting and the sum) and a
-        # fixed-order sum: an index_add_ of k rows per token would add in whatever order GPU atomics run, and the
-        # low bits (so greedy ties) would change from run to run
-        row = torch.empty_like(order)
-        row[order] = torch.arange(order.numel(), device=order.device)  # each pair's row in the sorted order
-        keep = (flat < self.num_experts)[:, None]  # rows past the last group hold garbage, NaN perhaps
-        y = torch.where(keep, y[row] * topk_weights.flatten()[:, None], 0.0).view(x.shape[0], k, x.shape[1])
-        return sum_rows(y).to(x.dtype)
 
-    def _forward_reference(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert, one matmul pair per expert that got tokens (reads counts on the host)."""
-        flat_ids = topk_ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids.clamp(0, self.num_experts), minlength=self.num_experts + 1)
-        token_of = order // topk_ids.shape[1]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts[: self.num_experts].tolist()):
-            if count:
-                rows = order[start : start + count]
-                tokens = token_of[start : start + count]
-                gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-                out.index_add_(0, tokens, (y * topk_weights.flatten()[rows, None]).to(x.dtype))
-            start += count
-        return out
+def forward_grouped(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Two grouped GEMMs over the (token, expert) pairs sorted by expert: no loop, no host synchronisation."""
+    num_experts, k, flat = gate_up_proj.shape[0], topk_ids.shape[1], topk_ids.flatten()
+    order, offs = sort_by_expert(flat, num_experts)  # skipped ids (>= num_experts) sort last
+    tokens = order // k
+    gate, up = torch._grouped_mm(x[tokens], gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)  # [pairs, H]
+    # back to [num_tokens, k] order (gathers, which Inductor fuses with the weighting and the sum) and a
+    # fixed-order sum: an index_add_ of k rows per token would add in whatever order GPU atomics run, and the
+    # low bits (so greedy ties) would change from run to run
+    row = torch.empty_like(order)
+    row[order] = torch.arange(order.numel(), device=order.device)  # each pair's row in the sorted order
+    keep = (flat < num_experts)[:, None]  # rows past the last group hold garbage, NaN perhaps
+    y = torch.where(keep, y[row] * topk_weights.flatten()[:, None], 0.0).view(x.shape[0], k, x.shape[1])
+    return sum_rows(y).to(x.dtype)
+
+
+def forward_reference(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Tokens sorted by expert, one matmul pair per expert that got tokens (reads counts on the host)."""
+    num_experts, flat_ids = gate_up_proj.shape[0], topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids.clamp(0, num_experts), minlength=num_experts + 1)
+    token_of = order // topk_ids.shape[1]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts[:num_experts].tolist()):
+        if count:
+            rows = order[start : start + count]
+            tokens = token_of[start : start + count]
+            gate, up = F.linear(x[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down_proj[expert])
+            out.index_add_(0, tokens, (y * topk_weights.flatten()[rows, None]).to(x.dtype))
+        start += count
+    return out
 
 
 class MoE(nn.Module):
     """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names.
 
     Under expert parallelism: route, launch dispatch, run the shared experts while tokens travel, wait, run
-    the local experts, combine.
+    the local experts, combine. With SBO rounds (ctx.sbo_rounds > 1) the local experts form that many groups,
+    each with its own round trip: every round's dispatch is launched first, then round r's experts compute
+    while the later rounds' tokens still travel and round r-1's results travel back. Each expert computes in
+    exactly one round, so its weights are read once a step.
     """
 
-    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement, backend: str = "reference") -> None:
+    def __init__(
+        self, cfg: ModelConfig, placement: ExpertPlacement, backend: str = "reference", layer_idx: int = 0
+    ) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # named in errors
         self.gate = Router(cfg)
         num_local = cfg.num_experts // placement.size
         self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size, placement.rank * num_local,
@@ -159,6 +187,8 @@ class MoE(nn.Module):
         if self.all2all is None:
             out = self.experts(x, topk_weights, topk_ids)
             return out if self.shared_experts is None else out + self.shared_experts(x)
+        if ctx.sbo_rounds > 1:
+            return self._forward_rounds(x, topk_weights, topk_ids, ctx)
         handle = self.all2all.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # while tokens travel
         if ctx.ubatch is not None:
@@ -169,3 +199,57 @@ class MoE(nn.Module):
             ctx.ubatch.yield_and_switch_from_comm_to_compute()
         out = self.all2all.combine_wait(handle)
         return out if shared is None else out + shared
+
+    def _forward_rounds(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """Single-batch overlap: ctx.sbo_rounds round trips, one per group of local experts (expert_rounds)."""
+        all2all, rounds = self.all2all, expert_rounds(self.experts.num_experts, ctx.sbo_rounds)
+        max_tokens = ctx.max_tokens_across_dp
+        handles = [all2all.dispatch_launch(x, *_round_routing(topk_weights, topk_ids, r, all2all), max_tokens)
+                   for r in rounds]  # fmt: skip
+        shared = self.shared_experts(x) if self.shared_experts is not None else None  # while tokens travel
+        for i, (r, handle) in enumerate(zip(rounds, handles, strict=True)):
+            if SBO_FAULT:
+                _inject_round_fault(self.layer_idx, i)
+            recv = all2all.dispatch_wait(handle)
+            all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids, group=r), handle)
+        out = functools.reduce(operator.add, (all2all.combine_wait(h) for h in handles))  # in round order
+        return out if shared is None else out + shared
+
+
+def _parse_fault(spec: str | None) -> tuple[int, int] | None:
+    """TWINBATCH_SBO_FAULT="L:R" (fault-injection tests): the MoE layer of decoder layer L raises in SBO round R."""
+    if not spec:
+        return None
+    layer, _, round_idx = spec.partition(":")
+    if not (layer.isdigit() and round_idx.isdigit()):
+        raise ValueError(f"TWINBATCH_SBO_FAULT={spec!r}: use L:R (a decoder layer and a round, from 0)")
+    return int(layer), int(round_idx)
+
+
+SBO_FAULT = _parse_fault(os.environ.get("TWINBATCH_SBO_FAULT"))
+
+
+@opaque
+def _inject_round_fault(layer_idx: int, round_idx: int) -> None:
+    if (layer_idx, round_idx) == SBO_FAULT:
+        raise RuntimeError(f"injected fault (TWINBATCH_SBO_FAULT) in SBO round {round_idx} of layer {layer_idx}")
+
+
+def expert_rounds(num_local: int, num_rounds: int) -> list[range]:
+    """The local experts cut into num_rounds contiguous groups of near-equal size (the earlier ones larger)."""
+    size, extra = divmod(num_local, num_rounds)
+    starts = [r * size + min(r, extra) for r in range(num_rounds + 1)]
+    return [range(lo, hi) for lo, hi in itertools.pairwise(starts)]
+
+
+def _round_routing(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: range, all2all: All2AllBackend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of one round: each token's choices among the experts of this group on every rank (the same
+    local range on each), the others turned into no expert (id num_experts, weight 0), so a token travels to a
+    rank in this round only if one of its experts there is in the group."""
+    local = topk_ids % all2all.num_local_experts
+    mine = (local >= experts.start) & (local < experts.stop) & (topk_ids < all2all.num_experts)
+    return topk_weights.masked_fill(~mine, 0.0), topk_ids.masked_fill(~mine, all2all.num_experts)

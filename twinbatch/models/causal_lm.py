@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
         attention = ATTENTION_CLASSES[cfg.architecture]
         self.self_attn = attention(cfg, rotary, backend=options.attention_backend, cache_blocks=options.kv_cache_blocks)
         self.is_moe = cfg.moe_layers[layer_idx]
-        self.mlp = (MoE(cfg, options.placement, options.moe_backend) if self.is_moe
+        self.mlp = (MoE(cfg, options.placement, options.moe_backend, layer_idx) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size))  # fmt: skip
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -34,7 +34,7 @@ Forward = Callable[[StepInputs, StepPlan], torch.Tensor]  # the eager forward of
 class GraphRunner:
     def __init__(self, buffers: InputBuffers, block_size: int, buckets: GraphBuckets, forward: Forward) -> None:
         self.buffers, self.block_size, self.buckets, self.forward = buffers, block_size, buckets, forward
-        # ("decode", batch bucket, context bucket, mode) or ("prefill", tokens, request rows, mode); mode: its value
+        # ("decode", batch bucket, context bucket, mode) or ("prefill", tokens, request rows, mode); mode: plan.label
         self.graphs: dict[tuple[str, int, int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         # one stream for every warm-up run: cuBLAS keeps a workspace per (handle, stream), never freed
@@ -45,7 +45,7 @@ class GraphRunner:
         [tokens, H]. A microbatched graph holds the whole step: its microbatches' kernels and collectives, ordered
         as the microbatch threads issued them during capture; replay needs no thread. attn: the step's metadata,
         for the decode graph's context bucket and the prefill graph's request rows."""
-        graph, mode = plan.graph, plan.mode.value
+        graph, mode = plan.graph, plan.label
         if graph.prefill:
             key = ("prefill", graph.tokens, attn.num_reqs, mode)
         else:

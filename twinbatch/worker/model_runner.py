@@ -7,6 +7,7 @@ microbatch and CUDA graphs capture. What the step does is the StepPlan's to say 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -55,6 +56,8 @@ class ModelRunner:
         self.table_widths = np.zeros(sched.max_num_seqs, dtype=np.int64)
         self.ubatched = None
         self.forwards: dict[OverlapMode, Forward] = {OverlapMode.OFF: self._forward_whole}
+        if self.all2all is not None and type(self.all2all).supports_sbo:
+            self.forwards[OverlapMode.SBO] = self._forward_whole  # the rounds are the MoE layers' (plan.sbo_rounds)
         if config.parallel.enable_dbo:
             self.ubatched = UBatchedForward(self.model, config.parallel.ubatch_size, config.device)
             self.forwards[OverlapMode.DBO] = lambda inputs, plan: self.ubatched(inputs, plan.ubatch_bounds)
@@ -70,7 +73,8 @@ class ModelRunner:
         return self.forwards[plan.mode](inputs, plan)
 
     def _forward_whole(self, inputs: StepInputs, plan: StepPlan) -> torch.Tensor:
-        return self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, plan.max_tokens_across_dp))
+        ctx = ForwardContext(inputs.attn, plan.max_tokens_across_dp, sbo_rounds=plan.sbo_rounds)
+        return self.model(inputs.input_ids, inputs.positions, ctx)
 
     @torch.inference_mode()
     def _compile_alone(self) -> None:
@@ -81,7 +85,8 @@ class ModelRunner:
         - decode: 1 and 2 one-token requests; microbatched, 1 and 2 a microbatch;
         - prefill: an idle DP rank's dummy step (one token of no request), 1 and 2 two-token requests, and the
           whole token budget (which also takes the expert sort's large-input branch); microbatched, 2 and 4
-          two-token requests a microbatch and the budget."""
+          two-token requests a microbatch and the budget;
+        - under SBO, the unsplit steps again with the MoE layers in rounds."""
         sched, n = self.config.scheduler, self.config.parallel.ubatch_size
 
         def padding(tokens: int, request_len: int) -> StepInputs:
@@ -100,10 +105,12 @@ class ModelRunner:
             tokens, request_len = step
             return tokens <= budget and (request_len == 0 or -(-tokens // request_len) <= rows)
 
+        parallel = self.config.parallel
+        rounds = [1, parallel.sbo_rounds] if parallel.overlap == "sbo" and parallel.sbo_rounds > 1 else [1]
         with COLLECTIVES.skipped():
-            for tokens, request_len in filter(fits, steps):
+            for (tokens, request_len), r in itertools.product(filter(fits, steps), rounds):
                 inputs = padding(tokens, request_len)
-                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, tokens))
+                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, tokens, sbo_rounds=r))
             for tokens, request_len in filter(fits, ubatched):
                 inputs = padding(tokens, request_len)
                 self.ubatched(inputs, ubatch_bounds(tokens, n))

@@ -43,6 +43,7 @@ class Handle:
 class All2AllBackend(ABC):
     supports_dbo = True  # its launch and wait halves can be separated by a yield to another microbatch
     graph_capturable = True  # nothing waits for the host: a step using it can be a CUDA graph
+    supports_sbo = True  # several dispatch/combine round trips of one batch can be in flight at once
 
     def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
         self.group = group

@@ -68,7 +68,7 @@ class EngineStatsCollector(Collector):
             for labels, stats in ranks:
                 family.add_metric(labels, stats[key])
             yield family
-        yield from (self._dbo(ranks), self._cache_info(ranks), self._success(ranks))
+        yield from (self._dbo(ranks), self._overlap(ranks), self._cache_info(ranks), self._success(ranks))
 
     @staticmethod
     def _dbo(ranks: list[tuple[list[str], dict]]) -> Metric:
@@ -77,6 +77,16 @@ class EngineStatsCollector(Collector):
         for labels, stats in ranks:
             for reason, steps in sorted(stats["dbo"].items()):
                 family.add_metric([*labels, reason], steps)
+        return family
+
+    @staticmethod
+    def _overlap(ranks: list[tuple[list[str], dict]]) -> Metric:
+        family = CounterMetricFamily("twinbatch:overlap_steps", "Steps by overlap mode (off, dbo, sbo<rounds>) and "
+                                     "the reason it was chosen.", labels=[*LABELS, "mode", "reason"])  # fmt: skip
+        for labels, stats in ranks:
+            for mode, reasons in stats["overlap"].items():
+                for reason, steps in reasons.items():
+                    family.add_metric([*labels, mode, reason], steps)
         return family
 
     def _cache_info(self, ranks: list[tuple[list[str], dict]]) -> Metric:
