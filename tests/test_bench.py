@@ -21,7 +21,8 @@ def test_bench_step_reports_dbo_off_and_on() -> None:
     assert report["setup"] | expected | {"ubatches": 2} == report["setup"]
     assert "dbo_comm_sms" not in report["setup"]  # an SM reservation exists only on CUDA
     assert "16 tokens per rank: 100%" in run.stderr  # rank 0's progress bar
-    for mode in ("dbo_off", "dbo_on", "compute_only", "compute_only_dbo", "comm_only"):
+    sbo = [f"{kind}sbo{r}" for r in (2, 4) for kind in ("", "compute_only_", "comm_only_")]
+    for mode in ("dbo_off", "dbo_on", "compute_only", "compute_only_dbo", "comm_only", *sbo, "auto"):
         assert 0 < report[mode]["p10_ms"] <= report[mode]["median_ms"] <= report[mode]["p90_ms"]
         assert 0 < report[mode]["host_median_ms"] <= report[mode]["p90_ms"]  # until the step returns, no GPU wait
         assert report[mode]["tokens_per_s"] > 0
@@ -29,6 +30,14 @@ def test_bench_step_reports_dbo_off_and_on() -> None:
     assert report["ideal_ms"] == max(report["compute_only_dbo"]["median_ms"], report["comm_only"]["median_ms"])
     assert report["comm_share"] == report["comm_only"]["median_ms"] / report["dbo_off"]["median_ms"]
     assert report["overlap_efficiency"] == overlap_efficiency(report)[0]
+    for label in ("sbo2", "sbo4"):  # each mode against off, with its own ideal
+        m = report["modes"][label]
+        assert m["speedup"] == report["dbo_off"]["median_ms"] / report[label]["median_ms"]
+        assert m["ideal_ms"] == max(
+            report[f"compute_only_{label}"]["median_ms"], report[f"comm_only_{label}"]["median_ms"]
+        )
+        assert m["overlap_efficiency"] == overlap_efficiency(report, label, m["ideal_ms"])[0]
+    assert report["auto"]["kept"] in ("off", "dbo", "sbo2", "sbo4")
 
 
 def reject_nan(name: str) -> None:

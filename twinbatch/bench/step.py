@@ -25,6 +25,7 @@ from twinbatch.bench.step_report import overlap_efficiency, plot_sweep, report_k
 from twinbatch.config import EngineConfig
 from twinbatch.core.block_manager import BlockManager
 from twinbatch.core.dp_sync import StepSync
+from twinbatch.core.overlap_tuner import TRIALS, OverlapTuner
 from twinbatch.core.request import Request
 from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
 from twinbatch.core.step_plan import OverlapMode, StepPlan, StepPlanner
@@ -147,7 +148,9 @@ def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict
     """Rank 0's bar, on stderr, over every step that _measure_modes (or the single mode) times, warm-up included."""
     modes = list(bench_modes(runner.config)) if runner.config.parallel.enable_dbo else []
     per_mode = 3 if _plan(runner, batch, OverlapMode.OFF).graph else 2  # timed, [eager,] compute only
-    total = (max(1, per_mode * len(modes) + len(modes) - 1)) * (opts["warmup"] + opts["num_steps"])
+    steps = opts["warmup"] + opts["num_steps"]
+    auto = steps + len(modes) * (TRIALS + 1) if modes else 0  # at least: its trials, then its kept steps
+    total = max(1, per_mode * len(modes) + len(modes) - 1) * steps + auto
     desc = f"{opts['tokens_per_rank']} tokens per rank"
     return tqdm(total=total, desc=desc, unit="step", disable=rank != 0 or opts["disable_tqdm"])
 
@@ -191,6 +194,9 @@ def _measure_modes(runner: ModelRunner, batch: SchedulerOutput, group: Any, opts
         step(label, graph=False)()
         recorded, COLLECTIVES.recording = COLLECTIVES.recording, None
         times[report_keys(label)[2]] = timed(lambda recorded=recorded: Collectives.replay(recorded))
+    if graphed:
+        runner.graphs.clear()
+    times["auto"], times["auto_kept"] = _measure_auto({label: step(label) for label in modes}, runner, group, opts, bar)
     return times
 
 
@@ -241,19 +247,38 @@ def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict,
           ) -> list[tuple[float, float]]:  # fmt: skip
     """(step, host) seconds of each measured step: host is until fn returns, before waiting for the GPU; a step
     whose host time equals its step time is bound by the host, not the GPU."""
-    times = []
-    for i in range(opts["warmup"] + opts["num_steps"]):
+    times = [_time_one(fn, runner, group, bar) for _ in range(opts["warmup"] + opts["num_steps"])]
+    return times[opts["warmup"] :]
+
+
+def _time_one(fn: Callable[[], object], runner: ModelRunner, group: Any, bar: tqdm) -> tuple[float, float]:
+    if group is not None:
+        dist.barrier(group=group)
+    start = time.perf_counter()
+    fn()
+    host = time.perf_counter() - start
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    bar.update()
+    return time.perf_counter() - start, host
+
+
+def _measure_auto(steps: dict[str, Callable[[], object]], runner: ModelRunner, group: Any, opts: dict, bar: tqdm
+                  ) -> tuple[list[tuple[float, float]], str]:  # fmt: skip
+    """--overlap auto on the same batch: the tuner tries every mode, then the steps it runs in the mode it kept
+    are timed (warm-up and timed steps as for every mode). Every rank records the slowest rank's step time, as
+    the engine does, so all choose alike. -> (times, the mode kept)."""
+    tuner, shape, kept = OverlapTuner(list(steps)), ("bench", 0), []
+    while len(kept) < opts["warmup"] + opts["num_steps"]:
+        label, why = tuner.choose(shape)
+        step, host = _time_one(steps[label], runner, group, bar)
+        slowest = torch.tensor([step])
         if group is not None:
-            dist.barrier(group=group)
-        start = time.perf_counter()
-        fn()
-        host = time.perf_counter() - start
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= opts["warmup"]:
-            times.append((time.perf_counter() - start, host))
-        bar.update()
-    return times
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        tuner.record(shape, label, label, 1e3 * slowest.item())
+        if why == "auto_fastest":
+            kept.append((step, host))
+    return kept[opts["warmup"] :], tuner.choose(shape)[0]
 
 
 def _report(
@@ -267,7 +292,10 @@ def _report(
                 "host_median_ms": 1e3 * statistics.median(host for _, host in step_host),
                 "tokens_per_s": opts["tokens_per_rank"] * config.parallel.data_parallel_size / median}  # fmt: skip
 
+    kept = times.pop("auto_kept", None)
     report = {name: stats(t) for name, t in times.items()}
+    if kept is not None:
+        report["auto"]["kept"] = kept
     if "dbo_on" in report:
         report["modes"] = {label: _summary(report, label) for label in bench_modes(config) if label != "off"}
         report |= report["modes"]["dbo"]  # DBO's figures at the top too, under their first names

@@ -37,12 +37,16 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"model: {setup['model']}{overrides} ({setup['load_format']} weights)",
              f"setup: {setup}",
              f"{'mode':16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'host ms':>9} {'tok/s':>10}"]  # fmt: skip
-    steps = ["single", *(k for label in LABELS for k in (report_keys(label)[0], report_keys(label)[0] + "_eager"))]
+    steps = ["single", *(k for label in LABELS for k in (report_keys(label)[0], report_keys(label)[0] + "_eager")),
+             "auto"]  # fmt: skip
     for name in steps + [k for label in LABELS for k in report_keys(label)[1:] if k]:
         if name in report:
             r = report[name]
             ms = f"{r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} {r['host_median_ms']:9.2f}"
             lines.append(f"{name:16} {ms} {r['tokens_per_s']:10.0f}")
+    if "auto" in report:
+        lines.append(f"auto kept {report['auto']['kept']} (off / auto: "
+                     f"{report['dbo_off']['median_ms'] / report['auto']['median_ms']:.3f}x)")  # fmt: skip
     for label, m in report.get("modes", {}).items():
         efficiency = overlap_efficiency(report, label, m["ideal_ms"])[1]
         lines.append(f"{mode_name(label)} speedup (off / {label}): {m['speedup']:.3f}x; ideal max(compute, comm) "
@@ -65,6 +69,8 @@ def plot_sweep(reports: list[dict[str, Any]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label in [label for label in LABELS if report_keys(label)[0] in reports[0]]:
         ax.plot(tokens, [r[report_keys(label)[0]]["median_ms"] for r in reports], marker="o", label=label)
+    if "auto" in reports[0]:
+        ax.plot(tokens, [r["auto"]["median_ms"] for r in reports], marker="x", linestyle=":", label="auto")
     for label in reports[0].get("modes", {}):
         ideal = [r["modes"][label]["ideal_ms"] for r in reports]
         ax.plot(tokens, ideal, linestyle="--", label=f"{label} ideal max(compute, comm)")

@@ -19,7 +19,7 @@ def option(default: Any, text: str, choices: tuple[str, ...] | None = None) -> A
     return field(default=default, metadata={"help": text, "choices": choices})
 
 
-OVERLAP_MODES = ("off", "dbo", "sbo")
+OVERLAP_MODES = ("off", "dbo", "sbo", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -93,7 +93,8 @@ class ParallelConfig:
         "or more); off: only the shared experts run beside the dispatch; dbo (--enable-dbo): dual-batch overlap, "
         "steps that reach a threshold split into microbatches, one communicating while another computes; sbo "
         "(--enable-single-batch-overlap): single-batch overlap, the local experts in --sbo-rounds groups, one "
-        "group's tokens travelling while another group computes",
+        "group's tokens travelling while another group computes; auto: per step shape, time off, dbo and sbo on "
+        "real steps and keep the fastest",
         OVERLAP_MODES,
     )
     sbo_rounds: int = option(2, "groups of local experts per SBO step (1: the shared experts' overlap alone)")
@@ -125,12 +126,13 @@ class ParallelConfig:
             )
         if self.enable_dbo:
             self._check_dbo()
-        if self.overlap == "sbo":
+        if self.overlap in ("sbo", "auto"):
             self._check_sbo()
 
     @property
     def enable_dbo(self) -> bool:
-        return self.overlap == "dbo"
+        """Steps may microbatch: DBO, or auto (which tries it)."""
+        return self.overlap in ("dbo", "auto")
 
     def _check_sbo(self) -> None:
         if self.sbo_rounds < 1:
@@ -222,7 +224,7 @@ class EngineConfig:
                 "expert-parallel ranks; choose a data_parallel_size that divides the expert count"
             )
         local = self.model.num_experts // self.parallel.ep_size
-        if self.parallel.overlap == "sbo" and self.parallel.sbo_rounds > local:
+        if self.parallel.overlap in ("sbo", "auto") and self.parallel.sbo_rounds > local:
             raise ValueError(f"sbo_rounds ({self.parallel.sbo_rounds}) exceeds the {local} routed experts of each "
                              f"expert-parallel rank; choose at most {local} rounds")  # fmt: skip
         usable = self.cache.num_blocks - 1  # block 0 takes padding writes

@@ -1,14 +1,15 @@
 """The one small all-reduce every DP rank makes per step, before the model runs.
 
 It carries each rank's token count (so all ranks know whether anyone has work, and how large the all-to-all
-buffers must be), each rank's vote to microbatch (dual-batch overlap), and a stop flag (so all ranks leave
+buffers must be), each rank's vote to microbatch (dual-batch overlap), the time its last step took (so the
+automatic overlap choice sees the same, slowest, time on every rank), and a stop flag (so all ranks leave
 their loop on the same step). Ranks with nothing to do
 still call it, and run a dummy batch when anyone has work, so the collectives inside the model always match.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,11 @@ class StepSync:
     decode_only: list[bool]  # every rank's batch is pure decode (or empty): a CUDA-graph step is possible
     context_tokens: list[int]  # the sum of each rank's requests' contexts, new tokens included: prefill graphs
     stop: bool
+    step_us: list[int] = field(default_factory=list)  # each rank's last step, microseconds (0: none measured)
+
+    @property
+    def slowest_step_us(self) -> int:
+        return max(self.step_us, default=0)
 
     @property
     def any_work(self) -> bool:
@@ -42,14 +48,17 @@ class DPSync:
         ubatch_vote: bool = False,
         decode_only: bool = False,
         context_tokens: int = 0,
+        step_us: int = 0,
     ) -> StepSync:
         if self.group is None:
-            return StepSync([num_tokens], [ubatch_vote], [decode_only], [context_tokens], stop)
+            return StepSync([num_tokens], [ubatch_vote], [decode_only], [context_tokens], stop, [step_us])
         n, r = self.size, self.rank
-        t = torch.zeros(4 * n + 1, dtype=torch.int64)  # [tokens, ubatch vote, decode only, context] of each rank, stop
-        t[r], t[n + r], t[2 * n + r], t[3 * n + r] = num_tokens, ubatch_vote, decode_only, context_tokens
-        t[4 * n] = stop
+        # [tokens, ubatch vote, decode only, context, last step's microseconds] of each rank, then stop
+        t = torch.zeros(5 * n + 1, dtype=torch.int64)
+        t[r], t[n + r], t[2 * n + r], t[3 * n + r], t[4 * n + r] = (num_tokens, ubatch_vote, decode_only,
+                                                                    context_tokens, step_us)  # fmt: skip
+        t[5 * n] = stop
         dist.all_reduce(t, group=self.group)
         v = t.tolist()
         flags = [bool(x) for x in v[n : 3 * n]]
-        return StepSync(v[:n], flags[:n], flags[n:], v[3 * n : 4 * n], v[4 * n] > 0)
+        return StepSync(v[:n], flags[:n], flags[n:], v[3 * n : 4 * n], v[5 * n] > 0, v[4 * n : 5 * n])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from twinbatch.config import ParallelConfig
 from twinbatch.core.dp_sync import StepSync
+from twinbatch.core.overlap_tuner import OverlapTuner
 from twinbatch.core.scheduler import SchedulerOutput
 
 
@@ -35,6 +36,8 @@ class Reason(enum.Enum):
     NOT_SUPPORTED = "not_supported"  # requests sharing KV blocks: a microbatch could read what a later one writes
     DISABLED = "disabled"  # DBO is off
     CONFIGURED = "configured"  # the mode --overlap names, taken by every step (sbo)
+    AUTO_TRIAL = "auto_trial"  # --overlap auto measuring the modes of this step's shape (core/overlap_tuner.py)
+    AUTO_FASTEST = "auto_fastest"  # --overlap auto running the fastest mode it measured for this shape
     FORCED = "forced"  # the planner's `force` chose the mode (bench step)
 
 
@@ -127,12 +130,14 @@ class GraphBuckets:
 
 @dataclass(frozen=True)
 class StepPlanner:
-    """parallel: the DBO options; buckets: the CUDA-graph sizes, None where steps run eagerly; force: run every
-    step in this mode whatever the votes (bench step measures each mode on the same batch)."""
+    """parallel: the overlap options; buckets: the CUDA-graph sizes, None where steps run eagerly; force: run every
+    step in this mode whatever the votes (bench step measures each mode on the same batch); tuner: the choice of
+    --overlap auto (made with auto_tuner)."""
 
     parallel: ParallelConfig
     buckets: GraphBuckets | None = None
     force: OverlapMode | None = None
+    tuner: OverlapTuner | None = None
 
     def vote(self, batch: SchedulerOutput) -> Reason | None:
         """This rank's proposal, before the DP sync: None votes to microbatch; otherwise the reason it does not.
@@ -143,15 +148,18 @@ class StepPlanner:
         if _shares_kv_blocks(batch):
             return Reason.NOT_SUPPORTED
         threshold = cfg.dbo_decode_token_threshold if batch.decode_only else cfg.dbo_prefill_token_threshold
+        threshold = cfg.ubatch_size if cfg.overlap == "auto" else threshold  # auto measures instead
         return None if batch.num_tokens >= threshold else Reason.BELOW_THRESHOLD
 
     def plan(self, batch: SchedulerOutput, vote: Reason | None, sync: StepSync) -> StepPlan:
         """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced."""
-        n = self.parallel.ubatch_size
+        n, rounds = self.parallel.ubatch_size, self.parallel.sbo_rounds
         if self.force is not None:
             mode, reason = self.force, Reason.FORCED
         elif self.parallel.overlap == "sbo":
             mode, reason = OverlapMode.SBO, Reason.CONFIGURED
+        elif self.tuner is not None:
+            mode, reason, rounds = self._auto(vote, sync)
         else:
             reason = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, n)
             mode = OverlapMode.DBO if reason is Reason.MICROBATCHED else OverlapMode.OFF
@@ -162,8 +170,30 @@ class StepPlanner:
             max_tokens = sync.max_tokens
             tokens = max_tokens if mode is OverlapMode.DBO else max(batch.num_tokens, 1)
         bounds = ubatch_bounds(tokens, n) if mode is OverlapMode.DBO else [0, tokens]
-        rounds = self.parallel.sbo_rounds if mode is OverlapMode.SBO else 1
-        return StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph, rounds)
+        rounds = rounds if mode is OverlapMode.SBO else 1
+        plan = StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph, rounds)
+        if self.tuner is not None:
+            self.tuner.ran = plan.label
+        return plan
+
+    def _auto(self, vote: Reason | None, sync: StepSync) -> tuple[OverlapMode, Reason, int]:
+        """The tuner's mode for this step's shape, after handing it the time of the step before (the slowest
+        rank's, as synced). DBO runs only where every rank can split its batch; else the step runs unsplit."""
+        tuner = self.tuner
+        if tuner.asked is not None and sync.slowest_step_us:
+            tuner.record(tuner.asked[0], tuner.asked[1], tuner.ran, sync.slowest_step_us / 1e3)
+        shape = ("decode" if all(sync.decode_only) else "prefill", 1 << max(sync.max_tokens - 1, 0).bit_length())
+        label, why = tuner.choose(shape)
+        tuner.asked = (shape, label)
+        reason = Reason(why)
+        if label == "dbo":
+            refused = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, self.parallel.ubatch_size)
+            if refused is not Reason.MICROBATCHED:
+                return OverlapMode.OFF, refused, 1
+            return OverlapMode.DBO, reason, 1
+        if label.startswith("sbo"):
+            return OverlapMode.SBO, reason, int(label.removeprefix("sbo"))
+        return OverlapMode.OFF, reason, 1
 
     def graph(self, sync: StepSync) -> GraphStep | None:
         """A decode graph when every rank has only decodes (or nothing) and the largest batch fits a bucket; else
@@ -175,6 +205,13 @@ class StepPlanner:
             return GraphStep(bucket)
         bucket = self.buckets.prefill_bucket(max(sync.max_tokens, *sync.context_tokens))
         return GraphStep(bucket, prefill=True, context=bucket) if bucket is not None else None
+
+
+def auto_tuner(parallel: ParallelConfig) -> OverlapTuner | None:
+    """The tuner of --overlap auto: off, dbo and SBO in --sbo-rounds rounds (if more than one); None otherwise."""
+    if parallel.overlap != "auto":
+        return None
+    return OverlapTuner(["off", "dbo", *([f"sbo{parallel.sbo_rounds}"] if parallel.sbo_rounds > 1 else [])])
 
 
 def _shares_kv_blocks(batch: SchedulerOutput) -> bool:

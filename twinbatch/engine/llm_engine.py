@@ -13,9 +13,10 @@ from twinbatch.config import EngineConfig
 from twinbatch.core.block_manager import BlockManager
 from twinbatch.core.detokenizer import IncrementalDetokenizer
 from twinbatch.core.dp_sync import DPSync
+from twinbatch.core.overlap_tuner import StepTimer
 from twinbatch.core.request import Request
 from twinbatch.core.scheduler import Scheduler, SchedulerOutput
-from twinbatch.core.step_plan import StepPlan, StepPlanner, overlap_counts
+from twinbatch.core.step_plan import StepPlan, StepPlanner, auto_tuner, overlap_counts
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
@@ -37,7 +38,8 @@ class LLMEngine:
         self.model_runner = ModelRunner(config, parallel)
         self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
         self.stopped = False  # set when every DP rank agreed to stop
-        self.planner = StepPlanner(config.parallel, self.model_runner.buckets)
+        self.planner = StepPlanner(config.parallel, self.model_runner.buckets, tuner=auto_tuner(config.parallel))
+        self.timer = StepTimer(config.device, config.parallel.data_parallel_rank, self.planner.tuner is not None)
         self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (step_plan.Reason values)
         self.overlap_stats: Counter[tuple[str, str]] = Counter()  # steps by (StepPlan.label, Reason value)
         self.num_prompt_tokens = 0  # of every request added, ever
@@ -100,13 +102,15 @@ class LLMEngine:
             for s in batch.scheduled:
                 self._inject_fault("step", s.request.prompt_token_ids)
         vote = self.planner.vote(batch)
-        sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens)
+        sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens,
+                                 self.timer.last_us())  # fmt: skip
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
         plan = self.planner.plan(batch, vote, sync)
         self._count(plan)
-        out = self.model_runner.execute_model(plan)
+        with self.timer.timing(plan.label):
+            out = self.model_runner.execute_model(plan)
         self.scheduler.update_after_step(batch)
         return self._process(batch, out)
 

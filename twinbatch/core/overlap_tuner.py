@@ -1,0 +1,151 @@
+"""`--overlap auto`: the overlap mode of each step shape, chosen by timing the candidates on real steps.
+
+A shape is the phase (decode, or any step with a prefill) and the token bucket of the largest rank's batch. For
+each shape the tuner first tries every candidate (off, dbo, and SBO in --sbo-rounds rounds) TRIALS times after one
+untimed warm-up step each (its first step may capture a CUDA graph or compile), then keeps the fastest by median.
+It keeps a mode other than off only where that mode beats off by MARGIN. It measures again after RECHECK_STEPS
+steps of the shape, and at once when the kept mode's recent median drifts DRIFT above what it measured.
+
+Every DP rank runs one tuner and feeds it the same numbers: the time of each step as the per-step DP sync
+reports it, the slowest rank's. So every rank makes the same choice for every step, and no extra collective is
+needed to agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TRIALS = 3  # timed steps of each candidate per shape
+MARGIN = 0.02  # a mode is kept over off only if its median is this much below off's
+RECHECK_STEPS = 2000  # steps of a shape between two measurements
+DRIFT = 1.10  # the kept mode's recent median over its measured one that starts a new measurement
+RECENT = 16  # steps of the kept mode its drift is judged on
+GIVE_UP = 3  # asks for a candidate that ran as another mode (DBO refused by a rank) before it is dropped
+
+
+@dataclass
+class _Shape:
+    candidates: list[str]
+    samples: dict[str, list[float]] = field(default_factory=dict)  # timed steps of the current measurement
+    refused: dict[str, int] = field(default_factory=dict)  # asks that ran as another mode
+    kept: str | None = None
+    kept_ms: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    steps_since: int = 0
+
+    def next_trial(self) -> str | None:
+        """The candidate still to measure, one step at a time in turn; None once all are measured."""
+        pending = [c for c in self.candidates if len(self.samples.get(c, ())) < TRIALS + 1]
+        return min(pending, key=lambda c: len(self.samples.get(c, ())), default=None)
+
+
+class OverlapTuner:
+    def __init__(self, candidates: list[str]) -> None:
+        self.candidates = candidates  # StepPlan labels; "off" first
+        self.shapes: dict[tuple[str, int], _Shape] = {}
+        # the last step's (shape, mode asked for) and the mode it ran as, until its time arrives with the next sync
+        self.asked: tuple[tuple[str, int], str] | None = None
+        self.ran = "off"
+
+    def choose(self, shape: tuple[str, int]) -> tuple[str, str]:
+        """(label, reason) for a step of this shape: a trial while the shape is measured, else the kept mode."""
+        state = self.shapes.setdefault(shape, _Shape(list(self.candidates)))
+        trial = state.next_trial()
+        if trial is not None:
+            return trial, "auto_trial"
+        return state.kept or "off", "auto_fastest"
+
+    def record(self, shape: tuple[str, int], asked: str, ran: str, ms: float) -> None:
+        """The step of `shape` that asked for mode `asked` ran as `ran` and took ms (the slowest rank's)."""
+        state = self.shapes[shape]
+        if ran != asked and asked in state.candidates:
+            state.refused[asked] = state.refused.get(asked, 0) + 1
+            if state.refused[asked] >= GIVE_UP:  # e.g. DBO, when a rank's batch can never be split
+                state.candidates.remove(asked)
+                state.samples.pop(asked, None)
+        if state.next_trial() is not None:
+            if ran in state.candidates:
+                state.samples.setdefault(ran, []).append(ms)
+            if state.next_trial() is None:
+                self._keep(shape, state)
+            return
+        state.steps_since += 1
+        if ran == state.kept:
+            state.recent.append(ms)
+        drifted = len(state.recent) == RECENT and statistics.median(state.recent) > DRIFT * state.kept_ms
+        if drifted or state.steps_since >= RECHECK_STEPS:
+            state.samples, state.refused, state.steps_since = {}, {}, 0
+            state.candidates = list(self.candidates)
+            state.recent.clear()
+
+    def _keep(self, shape: tuple[str, int], state: _Shape) -> None:
+        medians = {c: statistics.median(state.samples[c][1:]) for c in state.candidates}  # the first is warm-up
+        best = min(medians, key=medians.__getitem__)
+        if best != "off" and medians[best] > (1 - MARGIN) * medians["off"]:
+            best = "off"
+        if best != state.kept:
+            times = ", ".join(f"{c} {ms:.2f} ms" for c, ms in sorted(medians.items(), key=lambda kv: kv[1]))
+            logger.info("overlap auto: %s steps of up to %d tokens now run %s (%s)", *shape, best, times)
+        state.kept, state.kept_ms = best, medians[best]
+
+
+class StepTimer:
+    """How long the steps run, for the tuner: CUDA events on GPU, read only when the next step starts (the step has
+    finished by then: its sampled tokens were read), the host clock on CPU. A disabled timer measures nothing.
+
+    TWINBATCH_AUTO_COSTS (fault-injection tests) replaces what it measures: "off=10,dbo=4,sbo2=20" gives each
+    mode's step a cost in ms; parts separated by "|" are the costs of DP rank 0, 1, ... (one part: every rank's).
+    """
+
+    def __init__(self, device: torch.device, rank: int, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.costs = _parse_costs(os.environ.get("TWINBATCH_AUTO_COSTS"), rank) if enabled else {}
+        self.events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.label, self.us = "", 0
+
+    @contextlib.contextmanager
+    def timing(self, label: str) -> Iterator[None]:
+        """Times the step run inside the block, as mode `label`."""
+        if not self.enabled:
+            yield
+            return
+        self.label, self.us, start = label, 0, time.perf_counter()
+        if self.device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        yield
+        if self.events is not None:
+            self.events[1].record()
+        else:
+            self.us = max(1, int(1e6 * (time.perf_counter() - start)))
+
+    def last_us(self) -> int:
+        """The last timed step's microseconds (0 before the first), until the next step is timed."""
+        if self.events is not None:
+            self.events[1].synchronize()
+            self.us, self.events = max(1, int(1e3 * self.events[0].elapsed_time(self.events[1]))), None
+        return int(1e3 * self.costs[self.label]) if self.us and self.label in self.costs else self.us
+
+
+def _parse_costs(spec: str | None, rank: int) -> dict[str, float]:
+    if not spec:
+        return {}
+    parts = spec.split("|")
+    part = parts[rank] if len(parts) > 1 else parts[0]
+    try:
+        return {mode: float(ms) for mode, ms in (item.split("=") for item in part.split(",") if item)}
+    except ValueError:
+        raise ValueError(
+            f"TWINBATCH_AUTO_COSTS={spec!r}: use mode=ms[,mode=ms...][|...] (one part a DP rank)"
+        ) from None
