@@ -60,7 +60,8 @@ def test_compiled_decode_gives_the_uncompiled_tokens(model_fixture: str, request
 
 
 @pytest.mark.usefixtures("eager_backend")
-def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", [{"enable_dbo": True}, {"overlap": "sbo", "sbo_rounds": 2}])
+def test_compiled_decode_under_overlap_gives_the_uncompiled_tokens(dsv2_dir: Path, overlap: dict) -> None:
     """Collectives, waits and the microbatch yields stay outside the compiled graphs, so the microbatch threads
     still take turns at every all-to-all. Compiling on CPU needs bfloat16 (the grouped GEMM's meta function takes
     no float32), and a DP engine's batches depend on when each rank sees the requests: a bfloat16 greedy choice
@@ -68,16 +69,18 @@ def test_compiled_decode_under_dbo_gives_the_uncompiled_tokens(dsv2_dir: Path) -
     the first difference, with their logprobs close, and there the two best tokens must be a near-tie. Near:
     0.15, a few bfloat16 steps of a logit (1/32 to 1/16 at magnitudes 4 to 8) after several decode steps on
     batches of another make-up; at 0.05 the test failed 2 runs of 12 on an idle 2-core machine, with gaps of
-    0.09. A broken turn-taking of the microbatches gives other tokens without any tie."""
-    kwargs = {"data_parallel_size": 2, "enable_expert_parallel": True, "all2all_backend": "all2all", "enable_dbo": True,
-              "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2, **FAST}  # fmt: skip
+    0.09. A broken turn-taking of the microbatches gives other tokens without any tie. The same holds for SBO's
+    rounds (a compiled layer issues every round's collectives outside its graphs, as uncompiled)."""
+    kwargs = {"data_parallel_size": 2, "enable_expert_parallel": True, "all2all_backend": "all2all",
+              "dbo_decode_token_threshold": 2, "dbo_prefill_token_threshold": 2, **overlap, **FAST}  # fmt: skip
     params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)] * 8
     results = []
     for level in ("0", "3"):
         llm = LLM(str(dsv2_dir), compilation_config=level, **kwargs)
         try:
             results.append([o.outputs[0] for o in llm.generate(LONG * 2, params, use_tqdm=False)])  # even load:
-            assert all(s["dbo"].get("microbatched", 0) > 0 for s in llm.get_stats()["ranks"].values())  # DBO ran
+            ran = "dbo" if "enable_dbo" in overlap else "sbo2"
+            assert all(ran in s["overlap"] for s in llm.get_stats()["ranks"].values())  # the overlap ran
         finally:
             llm.shutdown()
     near = 0.15

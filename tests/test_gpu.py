@@ -241,3 +241,48 @@ def test_compiled_dbo_graphs_match_uncompiled_eager_dbo_off(dsv2_dir: Path) -> N
     for rank in stats["ranks"].values():
         assert rank["dbo"].get("microbatched", 0) > 0
         assert any(key[-1] == "dbo" for key in rank["cuda_graphs"])  # microbatched
+
+
+@pytest.mark.parametrize("backend", ["all2all", "allgather_reducescatter"])
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_sbo_graphs_match_eager_on_one_gpu(dsv2_dir: Path, backend: str, phase: str) -> None:
+    """Expert parallelism over a world of one (the all-to-alls are local copies through NCCL): an SBO step in 2
+    and 4 rounds replayed from its CUDA graph gives the eager SBO step's logits, and those of the step without
+    rounds up to the order of the rounds' additions."""
+    import dataclasses
+
+    from twinbatch.bench.step import _plan, synthetic_batch
+    from twinbatch.core.step_plan import OverlapMode
+    from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
+    from twinbatch.engine.arg_utils import EngineArgs
+    from twinbatch.engine.launcher import free_port
+    from twinbatch.worker.model_runner import ModelRunner
+
+    args = EngineArgs(
+        model=str(dsv2_dir),
+        enable_expert_parallel=True,
+        all2all_backend=backend,
+        max_model_len=64,
+        max_num_seqs=8,
+        num_gpu_blocks_override=64,
+        max_num_batched_tokens=16,
+        master_port=free_port(),
+    )
+    config = args.create_engine_config()
+    config = dataclasses.replace(config, device=torch.device("cuda", 0))  # NCCL wants the device's index
+    state = init_distributed(config.parallel, config.device)
+    try:
+        runner = ModelRunner(config, state)
+        batch = synthetic_batch(config, 8, phase, 40)
+        off = runner.execute_model(_plan(runner, batch, OverlapMode.OFF, graph=False)).logits
+        for rounds in (2, 4):
+            graphed = _plan(runner, batch, OverlapMode.SBO, rounds=rounds)
+            assert graphed.graph is not None and graphed.label == f"sbo{rounds}"
+            eager = runner.execute_model(_plan(runner, batch, OverlapMode.SBO, graph=False, rounds=rounds)).logits
+            replayed = runner.execute_model(graphed).logits
+            torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(eager, off, atol=1e-4, rtol=1e-4)
+        assert {key[-1] for key in runner.graphs.graphs} == {"sbo2", "sbo4"}
+        runner.shutdown()
+    finally:
+        destroy_distributed()

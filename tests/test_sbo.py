@@ -57,9 +57,9 @@ def test_sbo_over_three_ranks(dsv2_dir: Path, tmp_path: Path) -> None:
 
 
 def test_expert_rounds_cover_every_expert_once() -> None:
-    assert expert_rounds(4, 1) == [range(0, 4)]
-    assert expert_rounds(4, 4) == [range(i, i + 1) for i in range(4)]
-    assert expert_rounds(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert expert_rounds(4, 1) == ()
+    assert expert_rounds(4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))
+    assert expert_rounds(7, 3) == ((0, 3), (3, 5), (5, 7))
 
 
 @pytest.fixture
@@ -76,13 +76,14 @@ def expert_calls(layer: MoE, x: torch.Tensor, rounds: int, monkeypatch: pytest.M
     calls: list[range] = []
     forward = Experts.forward
 
-    def counting(self: Experts, *args: torch.Tensor, group: range | None = None) -> torch.Tensor:
-        calls.append(group if group is not None else range(self.num_experts))
+    def counting(self: Experts, *args: torch.Tensor, group: tuple[int, int] | None = None) -> torch.Tensor:
+        calls.append(range(*group) if group is not None else range(self.num_experts))
         return forward(self, *args, group)
 
     with monkeypatch.context() as m:
         m.setattr(Experts, "forward", counting)
-        out = layer(x, ForwardContext(None, x.shape[0], sbo_rounds=rounds))  # MoE reads no attention metadata
+        groups = expert_rounds(layer.experts.num_experts, rounds)
+        out = layer(x, ForwardContext(None, x.shape[0], expert_groups=groups))  # MoE reads no attention metadata
     return out, calls
 
 

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, help="directory for Perfetto traces and kernel tables of one step "
                    "with DBO off and one with DBO on")  # fmt: skip
     EngineArgs.add_cli_args(p)
-    p.set_defaults(func=run, load_format="dummy", enable_expert_parallel=True)
+    p.set_defaults(func=run, load_format="dummy")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -76,7 +76,9 @@ def measure(args: argparse.Namespace, points: list[int]) -> Iterator[dict[str, A
     `points`; yields rank 0's report of each as it comes."""
     engine_args = EngineArgs.from_cli_args(args)
     sizing = argparse.Namespace(**{**vars(args), "tokens_per_rank": max(points)})
-    engine_args = dataclasses.replace(engine_args, overlap="dbo" if engine_args.data_parallel_size > 1 else "off",
+    dp = engine_args.data_parallel_size  # DP: expert parallelism and DBO on; one rank: EP over a world of one if asked
+    engine_args = dataclasses.replace(engine_args, overlap="dbo" if dp > 1 else "off",
+                                      enable_expert_parallel=engine_args.enable_expert_parallel or dp > 1,
                                       **_cache_size(sizing), master_port=free_port())  # fmt: skip
     config = engine_args.create_engine_config()
     results = mp.get_context("spawn").SimpleQueue()
@@ -129,7 +131,7 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
         with _progress(rank, runner, batch, opts) as bar:
             times = (
                 _measure_modes(runner, batch, state.cpu_group, opts, bar)
-                if parallel.enable_dbo
+                if runner.all2all is not None
                 else {"single": _time(_step(runner, batch, OverlapMode.OFF), runner, None, opts, bar)}
             )
         if rank == 0:
@@ -146,7 +148,7 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
 
 def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict) -> tqdm:
     """Rank 0's bar, on stderr, over every step that _measure_modes (or the single mode) times, warm-up included."""
-    modes = list(bench_modes(runner.config)) if runner.config.parallel.enable_dbo else []
+    modes = list(bench_modes(runner.config)) if runner.all2all is not None else []
     per_mode = 3 if _plan(runner, batch, OverlapMode.OFF).graph else 2  # timed, [eager,] compute only
     steps = opts["warmup"] + opts["num_steps"]
     auto = steps + len(modes) * (TRIALS + 1) if modes else 0  # at least: its trials, then its kept steps
@@ -156,12 +158,13 @@ def _progress(rank: int, runner: ModelRunner, batch: SchedulerOutput, opts: dict
 
 
 def bench_modes(config: EngineConfig) -> dict[str, tuple[OverlapMode, int]]:
-    """The modes a DP launch measures, by label: off, dbo, and SBO in 2 and 4 rounds where the backend supports
-    it and each rank holds that many experts."""
+    """The modes a launch with expert parallelism measures, by label: off, dbo (with DP ranks to split for), and
+    SBO in 2 and 4 rounds where the backend supports it and each rank holds that many experts."""
     local = config.model.num_experts // config.parallel.ep_size
     sbo = {f"sbo{r}": (OverlapMode.SBO, r) for r in SBO_ROUNDS if r <= local}
     sbo = sbo if BACKENDS[config.parallel.all2all_backend].supports_sbo else {}
-    return {"off": (OverlapMode.OFF, 1), "dbo": (OverlapMode.DBO, 1), **sbo}
+    dbo = {"dbo": (OverlapMode.DBO, 1)} if config.parallel.enable_dbo else {}
+    return {"off": (OverlapMode.OFF, 1), **dbo, **sbo}
 
 
 SBO_ROUNDS = (2, 4)
@@ -296,9 +299,9 @@ def _report(
     report = {name: stats(t) for name, t in times.items()}
     if kept is not None:
         report["auto"]["kept"] = kept
-    if "dbo_on" in report:
+    if "dbo_off" in report:
         report["modes"] = {label: _summary(report, label) for label in bench_modes(config) if label != "off"}
-        report |= report["modes"]["dbo"]  # DBO's figures at the top too, under their first names
+        report |= report["modes"].get("dbo", {})  # DBO's figures at the top too, under their first names
     report["setup"] = _setup(opts, config, runner)
     bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
     compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication

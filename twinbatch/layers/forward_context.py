@@ -8,6 +8,8 @@ from typing import Protocol
 
 from twinbatch.layers.attention import AttentionMetadata
 
+ExpertGroup = tuple[int, int]  # local experts lo .. hi - 1
+
 
 class Yields(Protocol):
     """Where a microbatch hands over to the next one (worker/ubatch/runtime.py UBatchContext)."""
@@ -22,4 +24,6 @@ class ForwardContext:
     attn: AttentionMetadata
     max_tokens_across_dp: int  # the largest token count of any DP rank in this (micro)batch: all-to-all sizes
     ubatch: Yields | None = None  # set when this forward is one microbatch of a DBO step
-    sbo_rounds: int = 1  # > 1: single-batch overlap, the local experts in this many round trips (layers/moe.py)
+    # single-batch overlap: the MoE layers' local experts in these groups, a round trip each (layers/moe.py); given
+    # as numbers rather than a count, so that a compiled layer never derives them from a symbolic count
+    expert_groups: tuple[ExpertGroup, ...] = ()

@@ -15,7 +15,7 @@ from torch import nn
 from twinbatch.compilation import opaque
 from twinbatch.config.model import ModelConfig
 from twinbatch.distributed.all2all import All2AllBackend
-from twinbatch.layers.forward_context import ForwardContext
+from twinbatch.layers.forward_context import ExpertGroup, ForwardContext
 from twinbatch.layers.mlp import MLP
 from twinbatch.ops import RANK_SORT_MAX_PAIRS, sort_by_expert, sum_rows
 
@@ -89,17 +89,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, group: range | None = None
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, group: ExpertGroup | None = None
     ) -> torch.Tensor:
         """x [num_tokens, H]; topk_ids [num_tokens, k] local ids, those outside [0, num_experts) are skipped.
-        Returns the routing-weighted sum over each token's experts, [num_tokens, H]. With `group`, only those
-        local experts compute (their weights alone are read) and every other id is skipped: one round of SBO."""
+        Returns the routing-weighted sum over each token's experts, [num_tokens, H]. With `group` (lo, hi), only
+        local experts lo .. hi - 1 compute (their weights alone are read) and every other id is skipped: one round
+        of SBO."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        if group is not None and len(group) < self.num_experts:
-            n = len(group)
-            ids = topk_ids - group.start
+        if group is not None and group[1] - group[0] < self.num_experts:
+            (lo, hi), n = group, group[1] - group[0]
+            ids = topk_ids - lo
             topk_ids = ids.masked_fill((ids < 0) | (ids >= n), n)
-            gate_up, down = gate_up[group.start : group.stop], down[group.start : group.stop]
+            gate_up, down = gate_up[lo:hi], down[lo:hi]
         if x.shape[0] and self.backend == "triton" and not self._grouped_is_faster(x, topk_ids):
             from twinbatch.layers import triton_moe  # Triton is optional: imported only on this backend
 
@@ -163,7 +164,7 @@ class MoE(nn.Module):
     """Router, routed experts and (DeepSeek) shared experts, with Hugging Face's module names.
 
     Under expert parallelism: route, launch dispatch, run the shared experts while tokens travel, wait, run
-    the local experts, combine. With SBO rounds (ctx.sbo_rounds > 1) the local experts form that many groups,
+    the local experts, combine. With SBO rounds (ctx.expert_groups) the local experts form that many groups,
     each with its own round trip: every round's dispatch is launched first, then round r's experts compute
     while the later rounds' tokens still travel and round r-1's results travel back. Each expert computes in
     exactly one round, so its weights are read once a step.
@@ -187,7 +188,7 @@ class MoE(nn.Module):
         if self.all2all is None:
             out = self.experts(x, topk_weights, topk_ids)
             return out if self.shared_experts is None else out + self.shared_experts(x)
-        if ctx.sbo_rounds > 1:
+        if ctx.expert_groups:
             return self._forward_rounds(x, topk_weights, topk_ids, ctx)
         handle = self.all2all.dispatch_launch(x, topk_weights, topk_ids, ctx.max_tokens_across_dp)
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # while tokens travel
@@ -203,8 +204,8 @@ class MoE(nn.Module):
     def _forward_rounds(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        """Single-batch overlap: ctx.sbo_rounds round trips, one per group of local experts (expert_rounds)."""
-        all2all, rounds = self.all2all, expert_rounds(self.experts.num_experts, ctx.sbo_rounds)
+        """Single-batch overlap: one round trip per group of local experts in ctx.expert_groups."""
+        all2all, rounds = self.all2all, ctx.expert_groups
         max_tokens = ctx.max_tokens_across_dp
         handles = [all2all.dispatch_launch(x, *_round_routing(topk_weights, topk_ids, r, all2all), max_tokens)
                    for r in rounds]  # fmt: skip
@@ -237,19 +238,22 @@ def _inject_round_fault(layer_idx: int, round_idx: int) -> None:
         raise RuntimeError(f"injected fault (TWINBATCH_SBO_FAULT) in SBO round {round_idx} of layer {layer_idx}")
 
 
-def expert_rounds(num_local: int, num_rounds: int) -> list[range]:
-    """The local experts cut into num_rounds contiguous groups of near-equal size (the earlier ones larger)."""
+def expert_rounds(num_local: int, num_rounds: int) -> tuple[ExpertGroup, ...]:
+    """The local experts cut into num_rounds contiguous groups (lo, hi) of near-equal size (the earlier ones
+    larger); none for one round, which is no rounds at all."""
+    if num_rounds <= 1:
+        return ()
     size, extra = divmod(num_local, num_rounds)
     starts = [r * size + min(r, extra) for r in range(num_rounds + 1)]
-    return [range(lo, hi) for lo, hi in itertools.pairwise(starts)]
+    return tuple(itertools.pairwise(starts))
 
 
 def _round_routing(
-    topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: range, all2all: All2AllBackend
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertGroup, all2all: All2AllBackend
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing of one round: each token's choices among the experts of this group on every rank (the same
     local range on each), the others turned into no expert (id num_experts, weight 0), so a token travels to a
     rank in this round only if one of its experts there is in the group."""
     local = topk_ids % all2all.num_local_experts
-    mine = (local >= experts.start) & (local < experts.stop) & (topk_ids < all2all.num_experts)
+    mine = (local >= experts[0]) & (local < experts[1]) & (topk_ids < all2all.num_experts)
     return topk_weights.masked_fill(~mine, 0.0), topk_ids.masked_fill(~mine, all2all.num_experts)

@@ -21,8 +21,8 @@ from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, make_all2all
 from twinbatch.distributed.collectives import COLLECTIVES
 from twinbatch.distributed.parallel_state import ParallelState
 from twinbatch.layers.attention import PADDING_SLOT, AttentionMetadata
-from twinbatch.layers.forward_context import ForwardContext
-from twinbatch.layers.moe import ExpertPlacement
+from twinbatch.layers.forward_context import ExpertGroup, ForwardContext
+from twinbatch.layers.moe import ExpertPlacement, expert_rounds
 from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs
 from twinbatch.models.causal_lm import CausalLM, ModelOptions
 from twinbatch.models.loader import build_model
@@ -73,7 +73,7 @@ class ModelRunner:
         return self.forwards[plan.mode](inputs, plan)
 
     def _forward_whole(self, inputs: StepInputs, plan: StepPlan) -> torch.Tensor:
-        ctx = ForwardContext(inputs.attn, plan.max_tokens_across_dp, sbo_rounds=plan.sbo_rounds)
+        ctx = ForwardContext(inputs.attn, plan.max_tokens_across_dp, expert_groups=self._groups(plan.sbo_rounds))
         return self.model(inputs.input_ids, inputs.positions, ctx)
 
     @torch.inference_mode()
@@ -110,10 +110,15 @@ class ModelRunner:
         with COLLECTIVES.skipped():
             for (tokens, request_len), r in itertools.product(filter(fits, steps), rounds):
                 inputs = padding(tokens, request_len)
-                self.model(inputs.input_ids, inputs.positions, ForwardContext(inputs.attn, tokens, sbo_rounds=r))
+                ctx = ForwardContext(inputs.attn, tokens, expert_groups=self._groups(r))
+                self.model(inputs.input_ids, inputs.positions, ctx)
             for tokens, request_len in filter(fits, ubatched):
                 inputs = padding(tokens, request_len)
                 self.ubatched(inputs, ubatch_bounds(tokens, n))
+
+    def _groups(self, rounds: int) -> tuple[ExpertGroup, ...]:
+        """The groups of local experts of SBO in `rounds` rounds (none for 1)."""
+        return expert_rounds(self.config.model.num_experts // self.config.parallel.ep_size, rounds)
 
     def shutdown(self) -> None:
         """Releases the CUDA graphs (a graph holding NCCL work can hang the process group's destruction) and
