@@ -11,6 +11,7 @@ from openai_server import launch_server
 from twinbatch import LLM, SamplingParams
 from twinbatch.core import overlap_tuner
 from twinbatch.core.overlap_tuner import TRIALS, OverlapTuner
+from twinbatch.entrypoints.cli import final_dbo_counts
 
 DECODE = ("decode", 64)
 CANDIDATES = ["off", "dbo", "sbo2"]
@@ -80,6 +81,7 @@ def test_ranks_agree_on_the_slowest_ranks_times(dsv2_dir: Path, monkeypatch: pyt
     llm = auto_llm(dsv2_dir)
     try:
         assert greedy(llm, DP_PROMPTS, DP_MAX_TOKENS) == expected
+        final_dbo_counts(llm)  # until both ranks' reports of their last step arrived
         stats = llm.get_stats()
         # the same mode on every step of both ranks (why DBO was refused is each rank's own view)
         ranks = [{mode: sum(why.values()) for mode, why in r["overlap"].items()} for r in stats["ranks"].values()]
