@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from twinbatch.bench.profile import profile_step
-from twinbatch.bench.step_report import overlap_efficiency, plot_sweep, report_keys, table
+from twinbatch.bench.roofline import hbm_bandwidth_gbs, hbm_roofline_ms
+from twinbatch.bench.step_report import mode_summary, plot_sweep, report_keys, table
 from twinbatch.config import EngineConfig
 from twinbatch.core.block_manager import BlockManager
 from twinbatch.core.dp_sync import StepSync
@@ -222,30 +223,6 @@ def _step(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph:
     return lambda: runner.execute_model(plan)
 
 
-def hbm_roofline_ms(runner: ModelRunner, batch: SchedulerOutput, bandwidth_gbs: float) -> float:
-    """The least time one step can take on this rank if every byte it must read crosses HBM once: every
-    parameter (the embedding only for its looked-up rows; all local experts, which a large batch hits) plus
-    every cached KV entry the decodes attend to."""
-    model = runner.model
-    embed = model.model.embed_tokens.weight
-    tied = embed is model.lm_head.weight
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
-    params += 0 if tied else batch.num_tokens * embed.shape[1] * embed.element_size()
-    kv = batch.num_context_tokens * sum(c[0, 0].numel() * c.element_size() for c in runner.kv_caches)
-    return 1e3 * (params + kv) / (bandwidth_gbs * 1e9)
-
-
-def _hbm_bandwidth_gbs(device: torch.device, override: float | None) -> float | None:
-    """Peak HBM bandwidth by GPU model (data sheets), unless given."""
-    if override or device.type != "cuda":
-        return override
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in HBM_GBS.items() if key in name), None)
-
-
-HBM_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100": 3350.0, "H20": 4000.0, "A100": 2039.0}
-
-
 def _time(fn: Callable[[], object], runner: ModelRunner, group: Any, opts: dict, bar: tqdm
           ) -> list[tuple[float, float]]:  # fmt: skip
     """(step, host) seconds of each measured step: host is until fn returns, before waiting for the GPU; a step
@@ -300,23 +277,15 @@ def _report(
     if kept is not None:
         report["auto"]["kept"] = kept
     if "dbo_off" in report:
-        report["modes"] = {label: _summary(report, label) for label in bench_modes(config) if label != "off"}
+        report["modes"] = {label: mode_summary(report, label) for label in bench_modes(config) if label != "off"}
         report |= report["modes"].get("dbo", {})  # DBO's figures at the top too, under their first names
     report["setup"] = _setup(opts, config, runner)
-    bandwidth = _hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
+    bandwidth = hbm_bandwidth_gbs(config.device, opts["hbm_bandwidth_gbs"])
     compute = report.get("compute_only", report.get("single"))  # DP=1: the step has no communication
     if bandwidth and opts["phase"] == "decode" and compute:
         report["hbm_roofline_ms"] = hbm_roofline_ms(runner, batch, bandwidth)
         report["compute_only_vs_roofline"] = compute["median_ms"] / report["hbm_roofline_ms"]
     return report
-
-
-def _summary(report: dict[str, Any], label: str) -> dict[str, float | None]:
-    """A mode against off: its speed-up, its ideal max(compute, communication) and overlap efficiency."""
-    step, compute, comm = (report[key]["median_ms"] for key in report_keys(label))
-    off = report["dbo_off"]["median_ms"]
-    summary = {"speedup": off / step, "ideal_ms": max(compute, comm), "comm_share": comm / off}
-    return summary | {"overlap_efficiency": overlap_efficiency(report, label, summary["ideal_ms"])[0]}
 
 
 def _setup(opts: dict, config: EngineConfig, runner: ModelRunner) -> dict[str, Any]:

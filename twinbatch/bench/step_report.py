@@ -31,6 +31,14 @@ def overlap_efficiency(report: dict[str, Any], label: str = "dbo", ideal: float 
     return efficiency, f"{efficiency:.0%}"
 
 
+def mode_summary(report: dict[str, Any], label: str) -> dict[str, float | None]:
+    """A mode against off: its speed-up, its ideal max(compute, communication) and overlap efficiency."""
+    step, compute, comm = (report[key]["median_ms"] for key in report_keys(label))
+    off = report["dbo_off"]["median_ms"]
+    summary = {"speedup": off / step, "ideal_ms": max(compute, comm), "comm_share": comm / off}
+    return summary | {"overlap_efficiency": overlap_efficiency(report, label, summary["ideal_ms"])[0]}
+
+
 def table(report: dict[str, Any]) -> str:
     setup = report["setup"]
     overrides = f" with overrides {setup['hf_overrides']}" if setup["hf_overrides"] else ""

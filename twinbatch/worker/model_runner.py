@@ -46,8 +46,9 @@ class ModelRunner:
         self.config, self.device = config, config.device
         sched, self.block_size = config.scheduler, config.cache.block_size
         self.max_blocks_per_req = -(-sched.max_model_len // self.block_size)
-        self.all2all = _make_all2all(config, parallel or ParallelState())
-        self.model = _build_model(config, parallel or ParallelState(), self.all2all)
+        parallel = parallel or ParallelState()
+        self.all2all = _make_all2all(config, parallel)
+        self.model = _build_model(config, parallel, self.all2all)
         self.kv_caches = [attn.kv_cache for attn in self.model.attention_layers()]
         self.buffers = InputBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req,
                                     config.device)  # fmt: skip
@@ -57,7 +58,7 @@ class ModelRunner:
         self.ubatched = None
         self.forwards: dict[OverlapMode, Forward] = {OverlapMode.OFF: self._forward_whole}
         if self.all2all is not None and type(self.all2all).supports_sbo:
-            self.forwards[OverlapMode.SBO] = self._forward_whole  # the rounds are the MoE layers' (plan.sbo_rounds)
+            self.forwards[OverlapMode.SBO] = self._forward_whole  # the MoE layers run the plan's expert rounds
         if config.parallel.enable_dbo:
             self.ubatched = UBatchedForward(self.model, config.parallel.ubatch_size, config.device)
             self.forwards[OverlapMode.DBO] = lambda inputs, plan: self.ubatched(inputs, plan.ubatch_bounds)
