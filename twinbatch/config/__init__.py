@@ -180,13 +180,13 @@ ATTENTION_BACKENDS = ("reference", "batched", "triton")
 MOE_BACKENDS = ("reference", "grouped_mm", "triton")
 
 
-def _check_triton(device: torch.device, option: str, fallback: str) -> None:
-    """option: the flag that chose Triton ("attention_backend"); fallback: what to choose instead on CPU."""
+def _check_triton(device: torch.device, flag: str, fallback: str) -> None:
+    """flag: the option that chose Triton ("attention_backend"); fallback: what to choose instead on CPU."""
     if importlib.util.find_spec("triton") is None:
-        raise ValueError(f"{option}='triton' needs the triton package (pip install triton); "
-                         f"or choose {option}={fallback!r}")  # fmt: skip
+        raise ValueError(f"{flag}='triton' needs the triton package (pip install triton); "
+                         f"or choose {flag}={fallback!r}")  # fmt: skip
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{option}='triton' runs its kernels on a CUDA GPU; on CPU choose {fallback!r} or "
+        raise ValueError(f"{flag}='triton' runs its kernels on a CUDA GPU; on CPU choose {fallback!r} or "
                          "'reference' (or set TRITON_INTERPRET=1 to run them in Triton's slow interpreter, "
                          "for tests)")  # fmt: skip
 

@@ -58,6 +58,19 @@ class OverlapTuner:
         self.asked: tuple[tuple[str, int], str] | None = None
         self.ran = "off"
 
+    def step(self, shape: tuple[str, int], last_ms: float) -> tuple[str, str]:
+        """Records the last step's time (the slowest rank's, as synced; 0: none arrived) and chooses this step's
+        (label, reason); the step runs as that label unless `refused` says otherwise."""
+        if self.asked is not None and last_ms:
+            self.record(*self.asked, self.ran, last_ms)
+        label, why = self.choose(shape)
+        self.asked, self.ran = (shape, label), label
+        return label, why
+
+    def refused(self) -> None:
+        """The mode this step asked for cannot run (DBO, where a rank cannot split its batch): it runs unsplit."""
+        self.ran = "off"
+
     def choose(self, shape: tuple[str, int]) -> tuple[str, str]:
         """(label, reason) for a step of this shape: a trial while the shape is measured, else the kept mode."""
         state = self.shapes.setdefault(shape, _Shape(list(self.candidates)))

@@ -21,9 +21,8 @@ from twinbatch.core.scheduler import SchedulerOutput
 class OverlapMode(enum.Enum):
     OFF = "off"  # one forward over the whole batch
     DBO = "dbo"  # dual-batch overlap: microbatches that take turns computing and communicating
-    SBO = (
-        "sbo"  # single-batch overlap: the local experts in rounds, one round's tokens travelling while another computes
-    )
+    # single-batch overlap: the local experts in rounds, one round's tokens travelling while another computes
+    SBO = "sbo"
 
 
 class Reason(enum.Enum):
@@ -171,25 +170,19 @@ class StepPlanner:
             tokens = max_tokens if mode is OverlapMode.DBO else max(batch.num_tokens, 1)
         bounds = ubatch_bounds(tokens, n) if mode is OverlapMode.DBO else [0, tokens]
         rounds = rounds if mode is OverlapMode.SBO else 1
-        plan = StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph, rounds)
-        if self.tuner is not None:
-            self.tuner.ran = plan.label
-        return plan
+        return StepPlan(batch, mode, reason, tokens, max_tokens, tuple(bounds), graph, rounds)
 
     def _auto(self, vote: Reason | None, sync: StepSync) -> tuple[OverlapMode, Reason, int]:
         """The tuner's mode for this step's shape, after handing it the time of the step before (the slowest
         rank's, as synced). DBO runs only where every rank can split its batch; else the step runs unsplit."""
-        tuner = self.tuner
-        if tuner.asked is not None and sync.slowest_step_us:
-            tuner.record(tuner.asked[0], tuner.asked[1], tuner.ran, sync.slowest_step_us / 1e3)
         shape = ("decode" if all(sync.decode_only) else "prefill", 1 << max(sync.max_tokens - 1, 0).bit_length())
-        label, why = tuner.choose(shape)
-        tuner.asked = (shape, label)
+        label, why = self.tuner.step(shape, sync.slowest_step_us / 1e3)
         reason = Reason(why)
         if label == "dbo":
-            refused = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, self.parallel.ubatch_size)
-            if refused is not Reason.MICROBATCHED:
-                return OverlapMode.OFF, refused, 1
+            outcome = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, self.parallel.ubatch_size)
+            if outcome is not Reason.MICROBATCHED:
+                self.tuner.refused()
+                return OverlapMode.OFF, outcome, 1
             return OverlapMode.DBO, reason, 1
         if label.startswith("sbo"):
             return OverlapMode.SBO, reason, int(label.removeprefix("sbo"))

@@ -49,9 +49,6 @@ def _default(value: int | None, default: int) -> int:
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
-_flag = option  # a field with its default, --help text and choices: the one source of its flag
-
-
 def _options_of(*configs: type) -> Callable[[type], type]:
     """Adds to a dataclass-to-be the fields of `configs` that users set (those made with config.option, the
     data_parallel_rank of each worker is not one), with their defaults, help texts and choices: an option exists
@@ -71,64 +68,64 @@ def _options_of(*configs: type) -> Callable[[type], type]:
 @dataclass
 @_options_of(SchedulerConfig, CacheConfig, ParallelConfig)
 class EngineArgs:
-    model: str | None = _flag(
+    model: str | None = option(
         None,
         "checkpoint directory (config.json and *.safetensors) or built-in preset "
         f"({', '.join(PRESETS)}); none: the built-in model, a small DeepSeek-V2-architecture model with random "
         "weights",
     )
-    hf_overrides: str | dict | None = _flag(  # noqa: RUF009 (a field, not a shared mutable default)
+    hf_overrides: str | dict | None = option(  # noqa: RUF009 (a field, not a shared mutable default)
         None, "JSON object merged into the model's config.json, e.g. '{\"num_hidden_layers\": 4}'"
     )
-    tokenizer: str | None = _flag(
+    tokenizer: str | None = option(
         None, "tokenizer directory (default: the checkpoint's; for a preset, the bundled DeepSeek tokenizer)"
     )
-    dtype: str = _flag(
+    dtype: str = option(
         "auto",
         "weights and activations; auto: the checkpoint's dtype, else bfloat16 on GPU and float32 on CPU",
         ("auto", *DTYPES, *DTYPE_ALIASES),
     )
-    max_model_len: int | None = _flag(
+    max_model_len: int | None = option(
         None, "most tokens (prompt and output) of one request (default: the model's max_position_embeddings)"
     )
-    max_num_batched_tokens: int | None = _flag(
+    max_num_batched_tokens: int | None = option(
         None, "most tokens in one step, per DP rank (default: 8192 on GPU, 2048 on CPU)"
     )
-    num_gpu_blocks_override: int | None = _flag(None, "KV-cache blocks per rank, instead of sizing the cache")
-    kv_cache_memory_bytes: int | None = _flag(
+    num_gpu_blocks_override: int | None = option(None, "KV-cache blocks per rank, instead of sizing the cache")
+    kv_cache_memory_bytes: int | None = option(
         None,
         "KV-cache bytes per rank (default: 2 GiB on CPU; on GPU what --gpu-memory-utilization leaves after the "
         "weights and a 2 GiB activation reserve)",
     )
-    gpu_memory_utilization: float = _flag(0.9, "fraction of each GPU's memory the engine may use")
-    load_format: str = _flag(
+    gpu_memory_utilization: float = option(0.9, "fraction of each GPU's memory the engine may use")
+    load_format: str = option(
         "auto",
         "where the weights come from; auto: safetensors for a checkpoint, dummy for a preset; dummy: seeded "
         "random weights of the model's shapes",
         LOAD_FORMATS,
     )
-    seed: int = _flag(0, "seed of the dummy weights and of sampling without a per-request seed")
-    device: str = _flag("auto", "auto (cuda if a GPU is visible, else cpu), cpu, cuda or cuda:N")
-    attention_backend: str = _flag(
+    seed: int = option(0, "seed of the dummy weights and of sampling without a per-request seed")
+    device: str = option("auto", "auto (cuda if a GPU is visible, else cpu), cpu, cuda or cuda:N")
+    attention_backend: str = option(
         "auto",
         "attention kernels; auto: triton on GPU, reference on CPU; reference: a loop over requests (the tests' "
         "oracle); batched: vectorised decode; triton: a fused paged-KV decode kernel (CUDA)",
         ("auto", *ATTENTION_BACKENDS),
     )
-    moe_backend: str = _flag(
+    moe_backend: str = option(
         "auto",
         "routed-expert kernels; auto: triton on GPU, reference on CPU; reference: a loop over experts (the "
         "tests' oracle); grouped_mm: torch._grouped_mm; triton: fused grouped-GEMM kernels (CUDA)",
         ("auto", *MOE_BACKENDS),
     )
-    enforce_eager: bool = _flag(False, "turn off CUDA graphs (every step launches its kernels one by one)")
-    compilation_config: str | None = _flag(
+    enforce_eager: bool = option(False, "turn off CUDA graphs (every step launches its kernels one by one)")
+    compilation_config: str | None = option(
         None,
         "torch.compile of the decoder layers: a level 0-3 (-O0 turns it off) or JSON such as '{\"level\": 0}' "
         "(default: 3 on GPU, 0 on CPU)",
     )
-    enable_dbo: bool = _flag(False, "vLLM's name for --overlap dbo")
-    enable_single_batch_overlap: bool = _flag(False, "SGLang's name for --overlap sbo")
+    enable_dbo: bool = option(False, "vLLM's name for --overlap dbo")
+    enable_single_batch_overlap: bool = option(False, "SGLang's name for --overlap sbo")
 
     def _overlap(self) -> str:
         """--overlap, or the mode its alias flags name."""

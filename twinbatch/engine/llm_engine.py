@@ -72,8 +72,8 @@ class LLMEngine:
     def get_stats(self) -> dict:
         """Engine statistics; `overlap` counts steps by overlap mode ("off", "dbo", "sbo2": SBO in 2 rounds) and
         the reason it was chosen; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
-        `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, overlap mode) or
-        ("prefill", token bucket, request rows, overlap mode), the mode an OverlapMode value ("off", "dbo"). The token
+        `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, mode) or ("prefill",
+        token bucket, request rows, mode), the mode a StepPlan label ("off", "dbo", "sbo2"). The token
         counts are totals since the engine started."""
         return {
             "num_running": len(self.scheduler.running),

@@ -97,9 +97,9 @@ class Experts(nn.Module):
         of SBO."""
         gate_up, down = self.gate_up_proj, self.down_proj
         if group is not None and group[1] - group[0] < self.num_experts:
-            (lo, hi), n = group, group[1] - group[0]
+            lo, hi = group
             ids = topk_ids - lo
-            topk_ids = ids.masked_fill((ids < 0) | (ids >= n), n)
+            topk_ids = ids.masked_fill((ids < 0) | (ids >= hi - lo), hi - lo)
             gate_up, down = gate_up[lo:hi], down[lo:hi]
         if x.shape[0] and self.backend == "triton" and not self._grouped_is_faster(x, topk_ids):
             from twinbatch.layers import triton_moe  # Triton is optional: imported only on this backend
@@ -255,5 +255,5 @@ def _round_routing(
     local range on each), the others turned into no expert (id num_experts, weight 0), so a token travels to a
     rank in this round only if one of its experts there is in the group."""
     local = topk_ids % all2all.num_local_experts
-    mine = (local >= experts[0]) & (local < experts[1]) & (topk_ids < all2all.num_experts)
+    mine = (local >= experts[0]) & (local < experts[1])
     return topk_weights.masked_fill(~mine, 0.0), topk_ids.masked_fill(~mine, all2all.num_experts)
