@@ -80,6 +80,26 @@ def test_two_nodes_match_one_launch() -> None:
     assert len(two_nodes) == 3 and two_nodes == cli_tokens(twinbatch_cli())
 
 
+def test_nodes_launched_with_different_overlap_modes_stop_with_a_clear_error() -> None:
+    """Ranks that would run different collectives (here SBO rounds on one node, none on the other) stop on their
+    first step, before any layer runs, with an error that says what to change."""
+    nodes = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             "--all2all-backend", "all2all"]  # fmt: skip
+    node1 = subprocess.Popen(twinbatch_cli(*nodes, "--node-rank", "1", "--overlap", "off"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        start = time.monotonic()
+        node0 = subprocess.run(twinbatch_cli(*nodes, "--node-rank", "0", "--overlap", "sbo"), capture_output=True,
+                               text=True, timeout=180)  # fmt: skip
+        node1.wait(timeout=60)  # node 1 leaves too (TimeoutExpired if it does not)
+        assert time.monotonic() - start < 120
+    finally:
+        node1.kill()
+    assert node0.returncode != 0
+    assert "DP ranks would plan this step differently" in node0.stderr
+    assert "launch all with the same --overlap" in node0.stderr and "(this one: sbo, 2, all2all" in node0.stderr
+
+
 def test_torchrun_matches_one_launch() -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "twinbatch"]  # fmt: skip

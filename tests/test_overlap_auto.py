@@ -2,6 +2,7 @@
 ranks agree on a mode from injected per-rank costs (TWINBATCH_AUTO_COSTS) or real timings, with the tokens of one
 process."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ from helpers import DP_MAX_TOKENS, DP_PROMPTS, greedy, metrics, post
 from openai_server import launch_server
 
 from twinbatch import LLM, SamplingParams
+from twinbatch.config import ParallelConfig
 from twinbatch.core import overlap_tuner
+from twinbatch.core.dp_sync import StepSync
 from twinbatch.core.overlap_tuner import TRIALS, OverlapTuner
+from twinbatch.core.step_plan import StepPlanner, auto_tuner
 from twinbatch.entrypoints.cli import final_dbo_counts
 
 DECODE = ("decode", 64)
@@ -71,6 +75,24 @@ def test_drops_a_mode_the_ranks_cannot_run() -> None:
 def auto_llm(model: Path, **kwargs: object) -> LLM:
     return LLM(str(model), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
                all2all_backend="all2all", overlap="auto", **kwargs)  # fmt: skip
+
+
+def test_planner_keys_differ_where_ranks_would_plan_differently() -> None:
+    """The key each rank sends in the DP sync: equal for equal options and equal measurements, different once two
+    tuners were told different times, or where the options differ; the plan raises when the synced keys differ."""
+    auto = ParallelConfig(overlap="auto", data_parallel_size=2, enable_expert_parallel=True)
+    a, b = StepPlanner(auto, tuner=auto_tuner(auto)), StepPlanner(auto, tuner=auto_tuner(auto))
+    for tuner in (a.tuner, b.tuner):
+        measure(tuner, DECODE, {"off": 10, "dbo": 14, "sbo2": 7}, 4)
+    assert a.key() == b.key()
+    measure(a.tuner, DECODE, {"off": 10, "dbo": 14, "sbo2": 7}, 1)
+    measure(b.tuner, DECODE, {"off": 10, "dbo": 15, "sbo2": 7}, 1)
+    assert a.key() != b.key()
+    sbo = dataclasses.replace(auto, overlap="sbo")
+    assert StepPlanner(sbo).key() != StepPlanner(dataclasses.replace(sbo, sbo_rounds=4)).key()
+    sync = StepSync([4, 4], [True] * 2, [True] * 2, [8, 8], False, [0, 0], [a.key(), b.key()])
+    with pytest.raises(RuntimeError, match=r"would plan this step differently: launch all with the same --overlap"):
+        a.plan(None, None, sync)
 
 
 def test_ranks_agree_on_the_slowest_ranks_times(dsv2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

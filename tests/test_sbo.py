@@ -11,7 +11,7 @@ from helpers import DP_MAX_TOKENS, DP_PROMPTS, LONG, greedy, running, six_expert
 
 from twinbatch import LLM
 from twinbatch.config.model import ModelConfig
-from twinbatch.distributed.all2all import make_all2all
+from twinbatch.distributed.all2all import Handle, make_all2all
 from twinbatch.engine.launcher import free_port
 from twinbatch.layers.forward_context import ForwardContext
 from twinbatch.layers.moe import ExpertPlacement, Experts, MoE, expert_rounds
@@ -105,6 +105,27 @@ def test_each_local_expert_computes_once_a_step(
     got, calls = expert_calls(layer, x, rounds, monkeypatch)
     assert len(calls) == rounds and sorted(e for r in calls for e in r) == list(range(cfg.num_experts))
     torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_wait_names_its_layer_and_round(
+    dsv2_dir: Path, group_of_one: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a round's wait for its collectives raises (as from a failed peer) names the layer and round."""
+    cfg = ModelConfig.from_pretrained(dsv2_dir)
+    layer = MoE(cfg, ExpertPlacement(0, 1, make_all2all("all2all", group_of_one, cfg.num_experts)), layer_idx=3)
+    waits = 0
+    wait = Handle.wait
+
+    def third_wait_fails(handle: Handle) -> None:
+        nonlocal waits
+        waits += bool(handle.works)  # a wait with collectives in flight
+        if waits == 3:  # rounds 0, 1, then 2 wait for their dispatches
+            raise TimeoutError("no tokens from rank 1")
+        wait(handle)
+
+    monkeypatch.setattr(Handle, "wait", third_wait_fails)
+    with pytest.raises(RuntimeError, match=r"^SBO round 2 of layer 3 failed: TimeoutError: no tokens from rank 1"):
+        expert_calls(layer, torch.randn(6, cfg.hidden_size), 4, monkeypatch)
 
 
 def test_sbo_rounds_are_checked(dsv2_dir: Path) -> None:

@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep-png", default="dbo_sweep.png", help="the --sweep chart (default: dbo_sweep.png)")
     p.add_argument("--hbm-bandwidth-gbs", type=float, default=None, help="for the roofline (default: by GPU model)")
     p.add_argument("--profile", default=None, help="directory for Perfetto traces and kernel tables of one step "
-                   "with DBO off and one with DBO on")  # fmt: skip
+                   "in each mode measured")  # fmt: skip
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run, load_format="dummy")
 
@@ -140,9 +140,12 @@ def _bench_rank(rank: int, config: EngineConfig, opts: dict[str, Any], points: l
         if runner.graphs is not None:
             runner.graphs.clear()  # the next point has other buckets; free this one's memory
     if opts["profile"]:
-        modes = [("dbo_off", OverlapMode.OFF), ("dbo_on", OverlapMode.DBO)] if parallel.enable_dbo else []
-        for name, mode in modes or [("single", OverlapMode.OFF)]:
-            profile_step(_step(runner, batch, mode), opts["profile"], f"{name}_rank{rank}", echo=rank == 0)
+        modes = {"single": (OverlapMode.OFF, 1)}
+        if runner.all2all is not None:
+            modes = {report_keys(label)[0]: m for label, m in bench_modes(config).items()}
+        for name, (mode, rounds) in modes.items():
+            step = _step(runner, batch, mode, rounds=rounds)
+            profile_step(step, opts["profile"], f"{name}_rank{rank}", echo=rank == 0)
     runner.shutdown()
     destroy_distributed()
 

@@ -2,8 +2,9 @@
 
 It carries each rank's token count (so all ranks know whether anyone has work, and how large the all-to-all
 buffers must be), each rank's vote to microbatch (dual-batch overlap), the time its last step took (so the
-automatic overlap choice sees the same, slowest, time on every rank), and a stop flag (so all ranks leave
-their loop on the same step). Ranks with nothing to do
+automatic overlap choice sees the same, slowest, time on every rank), its step planner's key (so ranks that
+would choose different overlap modes stop before any layer runs), and a stop flag (so all ranks leave their loop
+on the same step). Ranks with nothing to do
 still call it, and run a dummy batch when anyone has work, so the collectives inside the model always match.
 """
 
@@ -23,6 +24,7 @@ class StepSync:
     context_tokens: list[int]  # the sum of each rank's requests' contexts, new tokens included: prefill graphs
     stop: bool
     step_us: list[int] = field(default_factory=list)  # each rank's last step, microseconds (0: none measured)
+    plan_keys: list[int] = field(default_factory=list)  # each rank's StepPlanner.key()
 
     @property
     def slowest_step_us(self) -> int:
@@ -49,16 +51,17 @@ class DPSync:
         decode_only: bool = False,
         context_tokens: int = 0,
         step_us: int = 0,
+        plan_key: int = 0,
     ) -> StepSync:
+        fields = (num_tokens, ubatch_vote, decode_only, context_tokens, step_us, plan_key)
         if self.group is None:
-            return StepSync([num_tokens], [ubatch_vote], [decode_only], [context_tokens], stop, [step_us])
+            return StepSync([num_tokens], [ubatch_vote], [decode_only], [context_tokens], stop, [step_us], [plan_key])
         n, r = self.size, self.rank
-        # [tokens, ubatch vote, decode only, context, last step's microseconds] of each rank, then stop
-        t = torch.zeros(5 * n + 1, dtype=torch.int64)
-        t[r], t[n + r], t[2 * n + r], t[3 * n + r], t[4 * n + r] = (num_tokens, ubatch_vote, decode_only,
-                                                                    context_tokens, step_us)  # fmt: skip
-        t[5 * n] = stop
+        # each field of each rank (field f of rank r at f * n + r), then stop
+        t = torch.zeros(len(fields) * n + 1, dtype=torch.int64)
+        t[r : len(fields) * n : n] = torch.tensor(fields, dtype=torch.int64)
+        t[-1] = stop
         dist.all_reduce(t, group=self.group)
         v = t.tolist()
-        flags = [bool(x) for x in v[n : 3 * n]]
-        return StepSync(v[:n], flags[:n], flags[n:], v[3 * n : 4 * n], v[5 * n] > 0, v[4 * n : 5 * n])
+        tokens, votes, decode, context, step, keys = (v[f * n : (f + 1) * n] for f in range(len(fields)))
+        return StepSync(tokens, [bool(x) for x in votes], [bool(x) for x in decode], context, v[-1] > 0, step, keys)

@@ -8,7 +8,9 @@ steps of the shape, and at once when the kept mode's recent median drifts DRIFT 
 
 Every DP rank runs one tuner and feeds it the same numbers: the time of each step as the per-step DP sync
 reports it, the slowest rank's. So every rank makes the same choice for every step, and no extra collective is
-needed to agree.
+needed to agree. That this holds is checked, not assumed: the tuner's state follows from what it was told, so
+`digest`, a checksum of everything it was told, is equal on two ranks exactly when their choices will be (the
+step planner sends it in the DP sync).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import statistics
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +60,7 @@ class OverlapTuner:
         # the last step's (shape, mode asked for) and the mode it ran as, until its time arrives with the next sync
         self.asked: tuple[tuple[str, int], str] | None = None
         self.ran = "off"
+        self.digest = zlib.crc32(repr(candidates).encode())  # of the candidates and every step recorded
 
     def step(self, shape: tuple[str, int], last_ms: float) -> tuple[str, str]:
         """Records the last step's time (the slowest rank's, as synced; 0: none arrived) and chooses this step's
@@ -81,6 +85,7 @@ class OverlapTuner:
 
     def record(self, shape: tuple[str, int], asked: str, ran: str, ms: float) -> None:
         """The step of `shape` that asked for mode `asked` ran as `ran` and took ms (the slowest rank's)."""
+        self.digest = zlib.crc32(repr((shape, asked, ran, ms)).encode(), self.digest)
         state = self.shapes[shape]
         if ran != asked and asked in state.candidates:
             state.refused[asked] = state.refused.get(asked, 0) + 1

@@ -9,6 +9,8 @@ then applies `StepPlanner.plan` to the same numbers, so they never disagree abou
 from __future__ import annotations
 
 import enum
+import functools
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -150,8 +152,29 @@ class StepPlanner:
         threshold = cfg.ubatch_size if cfg.overlap == "auto" else threshold  # auto measures instead
         return None if batch.num_tokens >= threshold else Reason.BELOW_THRESHOLD
 
+    @functools.cached_property
+    def _options_key(self) -> int:
+        cfg, b = self.parallel, self.buckets
+        options = (cfg.overlap, cfg.sbo_rounds, cfg.ubatch_size, cfg.all2all_backend,
+                   b and (b.batch, b.context, b.prefill), self.force)  # fmt: skip
+        return zlib.crc32(repr(options).encode())
+
+    def key(self) -> int:
+        """A checksum of what the plan depends on besides the synced numbers: the overlap options, the graph
+        sizes, and what --overlap auto's tuner has measured; and the all-to-all backend, which runs the plan's
+        collectives. Ranks with equal keys plan every step alike."""
+        return self._options_key if self.tuner is None else zlib.crc32(b"%d" % self.tuner.digest, self._options_key)
+
     def plan(self, batch: SchedulerOutput, vote: Reason | None, sync: StepSync) -> StepPlan:
-        """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced."""
+        """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced.
+        Raises, on every rank alike and before any layer runs, where the ranks' keys differ."""
+        if len(set(sync.plan_keys)) > 1:
+            cfg = self.parallel
+            raise RuntimeError(
+                f"DP ranks would plan this step differently: launch all with the same --overlap, --sbo-rounds, "
+                f"--all2all-backend and graph sizes (this one: {cfg.overlap}, {cfg.sbo_rounds}, {cfg.all2all_backend}"
+                f", {self.buckets and self.buckets.batch}); or --overlap auto's tuners diverged (keys {sync.plan_keys})"
+            )
         n, rounds = self.parallel.ubatch_size, self.parallel.sbo_rounds
         if self.force is not None:
             mode, reason = self.force, Reason.FORCED

@@ -103,7 +103,7 @@ class LLMEngine:
                 self._inject_fault("step", s.request.prompt_token_ids)
         vote = self.planner.vote(batch)
         sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens,
-                                 self.timer.last_us())  # fmt: skip
+                                 self.timer.last_us(), self.planner.key())  # fmt: skip
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
-import operator
 import os
 from dataclasses import dataclass
 
@@ -14,7 +12,7 @@ from torch import nn
 
 from twinbatch.compilation import opaque
 from twinbatch.config.model import ModelConfig
-from twinbatch.distributed.all2all import All2AllBackend
+from twinbatch.distributed.all2all import All2AllBackend, Handle
 from twinbatch.layers.forward_context import ExpertGroup, ForwardContext
 from twinbatch.layers.mlp import MLP
 from twinbatch.ops import RANK_SORT_MAX_PAIRS, sort_by_expert, sum_rows
@@ -204,19 +202,35 @@ class MoE(nn.Module):
     def _forward_rounds(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        """Single-batch overlap: one round trip per group of local experts in ctx.expert_groups."""
-        all2all, rounds = self.all2all, ctx.expert_groups
-        max_tokens = ctx.max_tokens_across_dp
-        handles = [all2all.dispatch_launch(x, *_round_routing(topk_weights, topk_ids, r, all2all), max_tokens)
-                   for r in rounds]  # fmt: skip
+        """Single-batch overlap: one round trip per group of local experts in ctx.expert_groups.
+
+        Under torch.compile this method runs eagerly (Dynamo gives up on a frame whose loop holds a graph break,
+        and every round waits for a collective): it only calls, and each round's tensor work is in a method that
+        compiles on its own, as a layer without rounds does."""
+        rounds = ctx.expert_groups
+        handles = [self._launch_round(x, topk_weights, topk_ids, r, ctx.max_tokens_across_dp) for r in rounds]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # while tokens travel
         for i, (r, handle) in enumerate(zip(rounds, handles, strict=True)):
-            if SBO_FAULT:
-                _inject_round_fault(self.layer_idx, i)
-            recv = all2all.dispatch_wait(handle)
-            all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids, group=r), handle)
-        out = functools.reduce(operator.add, (all2all.combine_wait(h) for h in handles))  # in round order
+            self._compute_round(i, r, handle)
+        out = None
+        for i, handle in enumerate(handles):  # the rounds' outputs added in round order
+            out = self._finish_round(i, handle, out)
         return out if shared is None else out + shared
+
+    def _launch_round(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, r: ExpertGroup, max_tokens: int
+    ) -> Handle:
+        return self.all2all.dispatch_launch(x, *_round_routing(topk_weights, topk_ids, r, self.all2all), max_tokens)
+
+    def _compute_round(self, i: int, r: ExpertGroup, handle: Handle) -> None:
+        _wait_round(self.layer_idx, i, handle)
+        recv = self.all2all.dispatch_wait(handle)
+        self.all2all.combine_launch(self.experts(recv.x, recv.topk_weights, recv.local_ids, group=r), handle)
+
+    def _finish_round(self, i: int, handle: Handle, out: torch.Tensor | None) -> torch.Tensor:
+        _wait_round(self.layer_idx, i, handle)
+        combined = self.all2all.combine_wait(handle)
+        return combined if out is None else out + combined
 
 
 def _parse_fault(spec: str | None) -> tuple[int, int] | None:
@@ -233,9 +247,15 @@ SBO_FAULT = _parse_fault(os.environ.get("TWINBATCH_SBO_FAULT"))
 
 
 @opaque
-def _inject_round_fault(layer_idx: int, round_idx: int) -> None:
-    if (layer_idx, round_idx) == SBO_FAULT:
-        raise RuntimeError(f"injected fault (TWINBATCH_SBO_FAULT) in SBO round {round_idx} of layer {layer_idx}")
+def _wait_round(layer_idx: int, round_idx: int, handle: Handle) -> None:
+    """Waits for a round's collectives in flight (its dispatch, or its combine), where a failed peer or a timeout
+    surfaces, with what raises named by layer and round. TWINBATCH_SBO_FAULT makes its round's first wait raise."""
+    try:
+        if (layer_idx, round_idx) == SBO_FAULT:
+            raise RuntimeError("injected fault (TWINBATCH_SBO_FAULT)")
+        handle.wait()
+    except Exception as e:
+        raise RuntimeError(f"SBO round {round_idx} of layer {layer_idx} failed: {type(e).__name__}: {e}") from e
 
 
 def expert_rounds(num_local: int, num_rounds: int) -> tuple[ExpertGroup, ...]:
