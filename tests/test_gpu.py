@@ -115,6 +115,27 @@ def test_cuda_graphs_match_eager(model_fixture: str, request: pytest.FixtureRequ
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
 
 
+def test_graphs_are_captured_at_start_up_and_a_step_without_one_runs_eagerly(dsv2_dir: Path) -> None:
+    """The engine captures its graphs before serving: decode graphs of batch buckets 1, 2, 4, 8 at the context
+    bucket 64, prefill graphs of token buckets 16, 32, 64 at 1, 4 and 8 request rows. Serving captures nothing
+    more; a step whose graph was dropped runs eagerly, with the tokens of an engine without graphs."""
+    kwargs = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 64, "max_num_seqs": 8,
+              "max_num_batched_tokens": 64}  # fmt: skip
+    llm = LLM(str(dsv2_dir), **kwargs)
+    decode = {("decode", b, 64, "off") for b in (1, 2, 4, 8)}
+    prefill = {("prefill", t, r, "off") for t in (16, 32, 64) for r in (1, 4, 8)}
+    stats = llm.get_stats()
+    assert set(stats["cuda_graphs"]) == decode | prefill
+    assert stats["cuda_graph_capture"]["graphs"] == len(decode | prefill)
+    assert stats["cuda_graph_capture"]["seconds"] > 0 and stats["cuda_graph_capture"]["memory_bytes"] > 0
+    graphs = llm.llm_engine.model_runner.graphs.graphs
+    del graphs[("decode", 4, 64, "off")]  # steps of 3 or 4 decodes now run eagerly
+    prompts = [list(range(3 + i, 9 + 2 * i)) for i in range(4)]
+    tokens = greedy(llm, prompts, [6] * 4)
+    assert set(graphs) == (decode | prefill) - {("decode", 4, 64, "off")}  # nothing captured while serving
+    assert tokens == greedy(LLM(str(dsv2_dir), enforce_eager=True, **kwargs), prompts, [6] * 4)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_graphs_with_dp2_ep2(dsv2_dir: Path) -> None:
     kwargs = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 128, "data_parallel_size": 2,

@@ -25,11 +25,10 @@ from twinbatch.bench.roofline import hbm_bandwidth_gbs, hbm_roofline_ms
 from twinbatch.bench.step_report import mode_summary, plot_sweep, report_keys, table
 from twinbatch.config import EngineConfig
 from twinbatch.core.block_manager import BlockManager
-from twinbatch.core.dp_sync import StepSync
 from twinbatch.core.overlap_tuner import TRIALS, OverlapTuner
 from twinbatch.core.request import Request
 from twinbatch.core.scheduler import ScheduledRequest, SchedulerOutput
-from twinbatch.core.step_plan import OverlapMode, StepPlan, StepPlanner
+from twinbatch.core.step_plan import OverlapMode, StepPlan, uniform_plan
 from twinbatch.distributed.all2all import BACKENDS
 from twinbatch.distributed.collectives import COLLECTIVES, Collectives
 from twinbatch.distributed.parallel_state import destroy_distributed, init_distributed
@@ -211,13 +210,10 @@ def _plan(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph:
           ) -> StepPlan:  # fmt: skip
     """The engine's plan of the step, in `mode` (SBO in `rounds`) whatever the DBO vote: a CUDA graph where the
     engine would replay one (decode, or prefill in the packed layout), unless `graph` is False. Every rank runs
-    the same batch, so these are the numbers every rank's DP sync would return."""
-    parallel = dataclasses.replace(runner.config.parallel, sbo_rounds=rounds)
-    planner = StepPlanner(parallel, runner.buckets if graph else None, force=mode)
-    dp = runner.config.parallel.data_parallel_size
-    sync = StepSync([batch.num_tokens] * dp, [True] * dp, [batch.decode_only] * dp, [batch.num_context_tokens] * dp,
-                    stop=False)  # fmt: skip
-    return planner.plan(batch, None, sync)
+    the same batch."""
+    buckets = runner.buckets if graph else None
+    return uniform_plan(runner.config.parallel, buckets, batch, mode, rounds, batch.num_tokens, batch.decode_only,
+                        batch.num_context_tokens)  # fmt: skip
 
 
 def _step(runner: ModelRunner, batch: SchedulerOutput, mode: OverlapMode, graph: bool = True, rounds: int = 1

@@ -8,6 +8,7 @@ then applies `StepPlanner.plan` to the same numbers, so they never disagree abou
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import zlib
@@ -165,9 +166,8 @@ class StepPlanner:
         collectives. Ranks with equal keys plan every step alike."""
         return self._options_key if self.tuner is None else zlib.crc32(b"%d" % self.tuner.digest, self._options_key)
 
-    def plan(self, batch: SchedulerOutput, vote: Reason | None, sync: StepSync) -> StepPlan:
-        """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced.
-        Raises, on every rank alike and before any layer runs, where the ranks' keys differ."""
+    def check(self, sync: StepSync) -> None:
+        """Raises, on every rank alike, where the ranks' keys (synced) differ: they would plan steps differently."""
         if len(set(sync.plan_keys)) > 1:
             cfg = self.parallel
             raise RuntimeError(
@@ -175,6 +175,11 @@ class StepPlanner:
                 f"--all2all-backend and graph sizes (this one: {cfg.overlap}, {cfg.sbo_rounds}, {cfg.all2all_backend}"
                 f", {self.buckets and self.buckets.batch}); or --overlap auto's tuners diverged (keys {sync.plan_keys})"
             )
+
+    def plan(self, batch: SchedulerOutput, vote: Reason | None, sync: StepSync) -> StepPlan:
+        """The step as every rank runs it, from this rank's batch and vote and the numbers all ranks synced.
+        Raises (check) before any layer runs where the ranks' keys differ."""
+        self.check(sync)
         n, rounds = self.parallel.ubatch_size, self.parallel.sbo_rounds
         if self.force is not None:
             mode, reason = self.force, Reason.FORCED
@@ -201,15 +206,22 @@ class StepPlanner:
         shape = ("decode" if all(sync.decode_only) else "prefill", 1 << max(sync.max_tokens - 1, 0).bit_length())
         label, why = self.tuner.step(shape, sync.slowest_step_us / 1e3)
         reason = Reason(why)
-        if label == "dbo":
+        mode, rounds = parse_label(label)
+        if mode is OverlapMode.DBO:
             outcome = decide(vote, sync.num_tokens_across_dp, sync.ubatch_votes, self.parallel.ubatch_size)
             if outcome is not Reason.MICROBATCHED:
                 self.tuner.refused()
                 return OverlapMode.OFF, outcome, 1
-            return OverlapMode.DBO, reason, 1
-        if label.startswith("sbo"):
-            return OverlapMode.SBO, reason, int(label.removeprefix("sbo"))
-        return OverlapMode.OFF, reason, 1
+        return mode, reason, rounds
+
+    def graph_labels(self) -> list[str]:
+        """The modes whose CUDA graphs steps may replay: every step's under sbo; off and dbo under dbo; off, dbo
+        and SBO under auto; off otherwise."""
+        cfg, sbo = self.parallel, f"sbo{self.parallel.sbo_rounds}"
+        if cfg.overlap == "sbo":
+            return [sbo]
+        auto_sbo = [sbo] if cfg.overlap == "auto" and cfg.sbo_rounds > 1 else []
+        return ["off", *(["dbo"] if cfg.enable_dbo else []), *auto_sbo]
 
     def graph(self, sync: StepSync) -> GraphStep | None:
         """A decode graph when every rank has only decodes (or nothing) and the largest batch fits a bucket; else
@@ -221,6 +233,26 @@ class StepPlanner:
             return GraphStep(bucket)
         bucket = self.buckets.prefill_bucket(max(sync.max_tokens, *sync.context_tokens))
         return GraphStep(bucket, prefill=True, context=bucket) if bucket is not None else None
+
+
+def parse_label(label: str) -> tuple[OverlapMode, int]:
+    """A StepPlan label -> (mode, SBO rounds): "sbo2" -> (SBO, 2), "dbo" -> (DBO, 1)."""
+    if label.startswith("sbo"):
+        return OverlapMode.SBO, int(label.removeprefix("sbo"))
+    return OverlapMode(label), 1
+
+
+def uniform_plan(
+    parallel: ParallelConfig, buckets: GraphBuckets | None, batch: SchedulerOutput, mode: OverlapMode, rounds: int,
+    tokens: int, decode_only: bool, context: int,
+) -> StepPlan:  # fmt: skip
+    """The plan of `batch` in `mode` (SBO in `rounds`) where every DP rank has `tokens` tokens, `context` context
+    tokens and decode_only alike: what every rank's planner makes of those synced numbers, whatever the votes
+    (bench step measures each mode on the same batch; graphs are captured at start-up from padding steps)."""
+    planner = StepPlanner(dataclasses.replace(parallel, sbo_rounds=rounds), buckets, force=mode)
+    dp = parallel.data_parallel_size
+    sync = StepSync([tokens] * dp, [True] * dp, [decode_only] * dp, [context] * dp, stop=False)
+    return planner.plan(batch, None, sync)
 
 
 def auto_tuner(parallel: ParallelConfig) -> OverlapTuner | None:

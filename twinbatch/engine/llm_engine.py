@@ -40,6 +40,11 @@ class LLMEngine:
         self.stopped = False  # set when every DP rank agreed to stop
         self.planner = StepPlanner(config.parallel, self.model_runner.buckets, tuner=auto_tuner(config.parallel))
         self.timer = StepTimer(config.device, config.parallel.data_parallel_rank, self.planner.tuner is not None)
+        self.graph_capture: dict[str, float] = {}  # how many graphs were captured at start-up, in what time and memory
+        if self.model_runner.graphs is not None:
+            self.planner.check(self.dp_sync.sync(0, plan_key=self.planner.key()))  # all ranks capture alike
+            progress = config.parallel.data_parallel_rank == 0  # a bar on stderr
+            self.graph_capture = self.model_runner.capture_graphs(self.planner.graph_labels(), progress)
         self.dbo_stats: Counter[str] = Counter()  # steps by DBO outcome (step_plan.Reason values)
         self.overlap_stats: Counter[tuple[str, str]] = Counter()  # steps by (StepPlan.label, Reason value)
         self.num_prompt_tokens = 0  # of every request added, ever
@@ -73,8 +78,9 @@ class LLMEngine:
         """Engine statistics; `overlap` counts steps by overlap mode ("off", "dbo", "sbo2": SBO in 2 rounds) and
         the reason it was chosen; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
         `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, mode) or ("prefill",
-        token bucket, request rows, mode), the mode a StepPlan label ("off", "dbo", "sbo2"). The token
-        counts are totals since the engine started."""
+        token bucket, request rows, mode), the mode a StepPlan label ("off", "dbo", "sbo2"), and
+        `cuda_graph_capture` the start-up capture ({"graphs", "seconds", "memory_bytes"}; empty without graphs).
+        The token counts are totals since the engine started."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -86,6 +92,7 @@ class LLMEngine:
             "dbo": dict(self.dbo_stats),
             "overlap": overlap_counts(self.overlap_stats.items()),
             "cuda_graphs": sorted(self.model_runner.graphs.graphs) if self.model_runner.graphs else [],
+            "cuda_graph_capture": self.graph_capture,
         }
 
     def has_unfinished_requests(self) -> bool:

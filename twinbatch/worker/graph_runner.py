@@ -8,7 +8,11 @@ A prefill or mixed step runs as a graph when its requests' contexts (new tokens 
 its tokens and its context both bounded by one token bucket, it takes the packed attention layout (one gather of
 every context into a buffer of that many rows, variable-length flash attention; layers/attention.py), which
 reads nothing on the host. Its request rows are padded with empty requests to a power of 4. Prefill graphs are
-keyed by (token bucket, request rows, overlap mode). Graphs are captured on first use.
+keyed by (token bucket, request rows, overlap mode).
+
+The engine captures every graph its steps can replay at start-up (ModelRunner.capture_graphs) and then closes
+the set: a step whose graph is not in it runs eagerly instead of stalling every running request for a capture.
+Used directly (bench step, tests), a runner captures a graph on its first use.
 
 Every DP rank makes the same decision from the same synced numbers, so all capture (and replay)
 together, and the all-to-all collectives inside the graphs line up.
@@ -37,29 +41,34 @@ class GraphRunner:
         # ("decode", batch bucket, context bucket, mode) or ("prefill", tokens, request rows, mode); mode: plan.label
         self.graphs: dict[tuple[str, int, int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.closed = False  # True: no more captures; a step without a graph runs eagerly
         # one stream for every warm-up run: cuBLAS keeps a workspace per (handle, stream), never freed
         self.warmup_stream = torch.cuda.Stream()
 
-    def replay(self, plan: StepPlan, attn: AttentionMetadata) -> torch.Tensor:
-        """Replays plan.graph (capturing it first if needed) on the inputs already in the buffers -> hidden
-        [tokens, H]. A microbatched graph holds the whole step: its microbatches' kernels and collectives, ordered
-        as the microbatch threads issued them during capture; replay needs no thread. attn: the step's metadata,
-        for the decode graph's context bucket and the prefill graph's request rows."""
+    def replay(self, plan: StepPlan, attn: AttentionMetadata) -> torch.Tensor | None:
+        """Replays plan.graph (capturing it first if needed and not closed) on the inputs already in the buffers
+        -> hidden [tokens, H]; None where the graph is not captured and the set is closed. A microbatched graph
+        holds the whole step: its microbatches' kernels and collectives, ordered as the microbatch threads issued
+        them during capture; replay needs no thread. attn: the step's metadata, for the decode graph's context
+        bucket and the prefill graph's request rows."""
         graph, mode = plan.graph, plan.label
         if graph.prefill:
             key = ("prefill", graph.tokens, attn.num_reqs, mode)
         else:
             key = ("decode", graph.tokens, self.buckets.context_bucket(attn.max_seq_len), mode)
         if key not in self.graphs:
+            if self.closed:
+                return None
             self.graphs[key] = self._capture(key, plan)
         cuda_graph, hidden = self.graphs[key]
         cuda_graph.replay()
         return hidden
 
     def clear(self) -> None:
-        """Drops every graph and its memory (they are captured again on next use)."""
+        """Drops every graph and its memory; they are captured again on next use."""
         self.graphs.clear()
         self.pool = None
+        self.closed = False
 
     def _capture(self, key: tuple[str, int, int, str], plan: StepPlan) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """A decode graph (n: the context bucket) or a prefill graph (n: request rows) of b tokens, holding the

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from twinbatch.config import EngineConfig
 from twinbatch.core.scheduler import SchedulerOutput
-from twinbatch.core.step_plan import GraphBuckets, GraphStep, OverlapMode, StepPlan, ubatch_bounds
+from twinbatch.core.step_plan import (
+    GraphBuckets,
+    GraphStep,
+    OverlapMode,
+    StepPlan,
+    parse_label,
+    ubatch_bounds,
+    uniform_plan,
+)
 from twinbatch.distributed.all2all import BACKENDS, All2AllBackend, make_all2all
 from twinbatch.distributed.collectives import COLLECTIVES
 from twinbatch.distributed.parallel_state import ParallelState
@@ -117,6 +127,37 @@ class ModelRunner:
                 inputs = padding(tokens, request_len)
                 self.ubatched(inputs, ubatch_bounds(tokens, n))
 
+    @torch.inference_mode()
+    def capture_graphs(self, labels: list[str], progress: bool) -> dict[str, float]:
+        """Captures now every CUDA graph a step in one of the modes `labels` can replay (decode graphs of each
+        batch and context bucket, prefill graphs of each token bucket and request-row count; DBO only where a
+        microbatch gets a token), then closes the set: a later step without a graph runs eagerly. Every DP rank
+        captures the same graphs in the same order, so their collectives line up. -> {"graphs", "seconds",
+        "memory_bytes"}: how many, how long it took, and the memory it reserved."""
+        graphs, buckets, n = self.graphs, self.buckets, self.config.parallel.ubatch_size
+        steps = [("decode", b, c) for b in buckets.batch for c in buckets.context]
+        steps += [("prefill", t, r) for t in buckets.prefill for r in _powers_of_4(self.request_rows(t))]
+        keys = [(kind, b, c, label) for (kind, b, c), label in itertools.product(steps, labels)
+                if label != "dbo" or b >= n]  # fmt: skip
+        torch.cuda.empty_cache()  # as every capture does: memory cached before would read as freed by the graphs
+        start, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        for kind, b, c, label in tqdm(keys, desc="Capturing CUDA graphs", unit="graph", disable=not progress):
+            mode, rounds = parse_label(label)
+            plan = uniform_plan(self.config.parallel, buckets, SchedulerOutput(), mode, rounds, b, kind == "decode", b)
+            inputs = self.prepare_inputs(plan.batch, plan.num_tokens, plan.pad_requests, plan.packed,
+                                         min_rows=c if kind == "prefill" else 0)  # fmt: skip
+            if kind == "decode":
+                inputs.attn.max_seq_len = c  # the context bucket; the padding requests read one token
+            graphs.replay(plan, inputs.attn)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # what remains reserved is the graphs' memory pool
+        graphs.closed = True
+        stats = {"graphs": len(graphs.graphs), "seconds": time.perf_counter() - start,
+                 "memory_bytes": torch.cuda.memory_reserved(self.device) - reserved}  # fmt: skip
+        logger.info("captured %d CUDA graphs in %.1f s, %.2f GiB", stats["graphs"], stats["seconds"],
+                    stats["memory_bytes"] / 2**30)  # fmt: skip
+        return stats
+
     def _groups(self, rounds: int) -> tuple[ExpertGroup, ...]:
         """The groups of local experts of SBO in `rounds` rounds (none for 1)."""
         return expert_rounds(self.config.model.num_experts // self.config.parallel.ep_size, rounds)
@@ -130,19 +171,21 @@ class ModelRunner:
             self.ubatched.runtime.close()
 
     def prepare_inputs(
-        self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0, packed: GraphStep | None = None
-    ) -> StepInputs:
+        self, batch: SchedulerOutput, num_padded_tokens: int = 0, pad_requests: int = 0,
+        packed: GraphStep | None = None, min_rows: int = 0,
+    ) -> StepInputs:  # fmt: skip
         """Packs the batch; pads to num_padded_tokens with tokens that belong to no request (they write their
         KV to the reserved block and their outputs are ignored). With pad_requests = t, the padding tokens form
         requests of t tokens (the last maybe fewer) that read only the reserved block: one-token requests in
         decode graphs, two-token ones in the compile warm-up's prefill steps. With `packed` (a prefill graph
         step), the padding tokens belong to no request, the request rows are padded with empty requests to
-        request_rows(), and the metadata takes the packed attention layout bounded by the graph's tokens."""
+        request_rows(), and the metadata takes the packed attention layout bounded by the graph's tokens. At least
+        min_rows request rows (empty ones past the batch's)."""
         ids, positions, slots, starts, seq_lens, sample_rows = [], [], [], [0], [], []
         num_padded_tokens = packed.tokens if packed else num_padded_tokens
         pad = max(0, num_padded_tokens - batch.num_tokens)
         rows = len(batch.scheduled) + (-(-pad // pad_requests) if pad_requests else 0)
-        rows = max(rows, self.request_rows(len(batch.scheduled)) if packed else 0)
+        rows = max(rows, self.request_rows(len(batch.scheduled)) if packed else 0, min_rows)
         bs = self.block_size
         widths = [len(s.request.block_ids) for s in batch.scheduled]
         width = max(max(widths, default=0), int(self.table_widths[:rows].max(initial=0)))
@@ -220,8 +263,8 @@ class ModelRunner:
         replayed as the planned CUDA graph, or run eagerly where there is none (the packed prefill layout too,
         as on CPU)."""
         inputs = self.prepare_inputs(plan.batch, plan.num_tokens, plan.pad_requests, plan.packed)
-        replay = plan.graph is not None and self.graphs is not None
-        hidden = self.graphs.replay(plan, inputs.attn) if replay else self.forward(inputs, plan)
+        hidden = self.graphs.replay(plan, inputs.attn) if plan.graph is not None and self.graphs else None
+        hidden = self.forward(inputs, plan) if hidden is None else hidden
         out = ModelRunnerOutput(self.model.compute_logits(hidden[inputs.logits_indices]))
         if any(s.request.prompt_logprobs is not None for s in plan.batch.scheduled):
             out.prompt_logprobs = self._prompt_logprobs(plan.batch, hidden)
@@ -251,6 +294,14 @@ class ModelRunner:
                 out[request_id] = merged[at : at + n]
                 at += n
         return out
+
+
+def _powers_of_4(limit: int) -> list[int]:
+    """The request-row counts of prefill graphs up to `limit` (ModelRunner.request_rows): 1, 4, 16, ..., limit."""
+    rows = [1]
+    while rows[-1] < limit:
+        rows.append(min(4 * rows[-1], limit))
+    return rows
 
 
 def graph_capturable(config: EngineConfig) -> bool:
