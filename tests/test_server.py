@@ -224,6 +224,9 @@ def test_metrics_count_tokens_and_latencies(url: str) -> None:
     assert inference == pytest.approx(phases["prefill_time"] + phases["decode_time"], abs=1e-6)
     assert 0 < inference <= grew("vllm:e2e_request_latency_seconds_sum")
     assert grew("vllm:num_preemptions_total") == 0
+    assert grew("twinbatch:engine_step_seconds_count") == 5  # the prefill step, then 4 decode steps
+    step_s, host_s = grew("twinbatch:engine_step_seconds_sum"), grew("twinbatch:engine_step_host_seconds_total")
+    assert 0 < host_s < step_s <= grew("vllm:e2e_request_latency_seconds_sum")
     info = next(labels for name, labels in after if name == "vllm:cache_config_info")
     assert ("block_size", "16") in info and ("cache_dtype", "float32") in info
     assert after[("vllm:num_requests_running", engine)] == 0 and after[("vllm:kv_cache_usage_perc", engine)] == 0

@@ -119,25 +119,22 @@ class OverlapTuner:
 
 
 class StepTimer:
-    """How long the steps run, for the tuner: CUDA events on GPU, read only when the next step starts (the step has
-    finished by then: its sampled tokens were read), the host clock on CPU. A disabled timer measures nothing.
+    """How long the steps run (the tuner's input, and the engine's step statistics): CUDA events on GPU, read only
+    once the step has finished (its sampled tokens were read), the host clock on CPU.
 
-    TWINBATCH_AUTO_COSTS (fault-injection tests) replaces what it measures: "off=10,dbo=4,sbo2=20" gives each
+    TWINBATCH_AUTO_COSTS (fault-injection tests) replaces what the tuner sees: "off=10,dbo=4,sbo2=20" gives each
     mode's step a cost in ms; parts separated by "|" are the costs of DP rank 0, 1, ... (one part: every rank's).
     """
 
-    def __init__(self, device: torch.device, rank: int, enabled: bool) -> None:
-        self.device, self.enabled = device, enabled
-        self.costs = _parse_costs(os.environ.get("TWINBATCH_AUTO_COSTS"), rank) if enabled else {}
+    def __init__(self, device: torch.device, rank: int) -> None:
+        self.device = device
+        self.costs = _parse_costs(os.environ.get("TWINBATCH_AUTO_COSTS"), rank)
         self.events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self.label, self.us = "", 0
 
     @contextlib.contextmanager
     def timing(self, label: str) -> Iterator[None]:
         """Times the step run inside the block, as mode `label`."""
-        if not self.enabled:
-            yield
-            return
         self.label, self.us, start = label, 0, time.perf_counter()
         if self.device.type == "cuda":
             self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -153,7 +150,12 @@ class StepTimer:
         if self.events is not None:
             self.events[1].synchronize()
             self.us, self.events = max(1, int(1e3 * self.events[0].elapsed_time(self.events[1]))), None
-        return int(1e3 * self.costs[self.label]) if self.us and self.label in self.costs else self.us
+        return self.us
+
+    def tuner_us(self) -> int:
+        """last_us, or the injected cost of the last step's mode (TWINBATCH_AUTO_COSTS)."""
+        us = self.last_us()
+        return int(1e3 * self.costs[self.label]) if us and self.label in self.costs else us
 
 
 def _parse_costs(spec: str | None, rank: int) -> dict[str, float]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +30,33 @@ from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 STATS_LOG_EVERY = 1000  # steps
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0)  # fmt: skip
+
+
+@dataclass
+class StepTimes:
+    """The wall time of the steps that ran the model, as a histogram (STEP_BUCKETS, seconds), and how much of
+    it the device ran the step (execute_model between CUDA events on GPU; the host clock on CPU, where the host
+    is the device). What is left is host time outside the model: scheduling, input preparation before the first
+    kernel, sampling's bookkeeping, stop checks, detokenization."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(STEP_BUCKETS))  # per bucket, not cumulative
+    count: int = 0
+    sum: float = 0.0
+    device_sum: float = 0.0
+
+    def observe(self, seconds: float, device_seconds: float) -> None:
+        self.counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += seconds <= STEP_BUCKETS[-1]
+        self.count += 1
+        self.sum += seconds
+        self.device_sum += min(device_seconds, seconds)
+
+    def as_dict(self) -> dict:
+        """{"buckets": [(upper bound, cumulative steps)], "count", "sum", "host_sum": sum - device time}."""
+        cumulative = itertools.accumulate(self.counts)
+        return {"buckets": list(zip(STEP_BUCKETS, cumulative, strict=True)), "count": self.count, "sum": self.sum,
+                "host_sum": self.sum - self.device_sum}  # fmt: skip
 
 
 class LLMEngine:
@@ -39,7 +69,8 @@ class LLMEngine:
         self.dp_sync = DPSync(parallel.cpu_group, parallel.dp_rank, parallel.dp_size)
         self.stopped = False  # set when every DP rank agreed to stop
         self.planner = StepPlanner(config.parallel, self.model_runner.buckets, tuner=auto_tuner(config.parallel))
-        self.timer = StepTimer(config.device, config.parallel.data_parallel_rank, self.planner.tuner is not None)
+        self.timer = StepTimer(config.device, config.parallel.data_parallel_rank)
+        self.step_times = StepTimes()
         self.graph_capture: dict[str, float] = {}  # how many graphs were captured at start-up, in what time and memory
         if self.model_runner.graphs is not None:
             self.planner.check(self.dp_sync.sync(0, plan_key=self.planner.key()))  # all ranks capture alike
@@ -79,8 +110,9 @@ class LLMEngine:
         the reason it was chosen; `dbo` counts steps by DBO outcome: microbatched, or why not (this rank's view);
         `cuda_graphs` lists the captured graphs as ("decode", batch bucket, context bucket, mode) or ("prefill",
         token bucket, request rows, mode), the mode a StepPlan label ("off", "dbo", "sbo2"), and
-        `cuda_graph_capture` the start-up capture ({"graphs", "seconds", "memory_bytes"}; empty without graphs).
-        The token counts are totals since the engine started."""
+        `cuda_graph_capture` the start-up capture ({"graphs", "seconds", "memory_bytes"}; empty without graphs);
+        `step_seconds` the steps that ran the model (StepTimes.as_dict). The token counts are totals since the
+        engine started."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -93,6 +125,7 @@ class LLMEngine:
             "overlap": overlap_counts(self.overlap_stats.items()),
             "cuda_graphs": sorted(self.model_runner.graphs.graphs) if self.model_runner.graphs else [],
             "cuda_graph_capture": self.graph_capture,
+            "step_seconds": self.step_times.as_dict(),
         }
 
     def has_unfinished_requests(self) -> bool:
@@ -104,13 +137,14 @@ class LLMEngine:
         With data parallelism every rank calls this in lockstep: a rank without work runs a dummy batch while
         any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
         """
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if self.faults:  # fault-injection tests only: no loop over the batch in a normal step
             for s in batch.scheduled:
                 self._inject_fault("step", s.request.prompt_token_ids)
         vote = self.planner.vote(batch)
         sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens,
-                                 self.timer.last_us(), self.planner.key())  # fmt: skip
+                                 self.timer.tuner_us(), self.planner.key())  # fmt: skip
         self.stopped = sync.stop
         if not sync.any_work or sync.stop:
             return []
@@ -119,7 +153,9 @@ class LLMEngine:
         with self.timer.timing(plan.label):
             out = self.model_runner.execute_model(plan)
         self.scheduler.update_after_step(batch)
-        return self._process(batch, out)
+        outputs = self._process(batch, out)  # sampling waits for the step's tokens: its device time is known
+        self.step_times.observe(time.perf_counter() - start, self.timer.last_us() / 1e6)
+        return outputs
 
     def _count(self, plan: StepPlan) -> None:
         """Steps by overlap mode and why; with DBO on, by DBO outcome: microbatched, or why not."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from twinbatch.config import EngineConfig
@@ -69,6 +69,22 @@ class EngineStatsCollector(Collector):
                 family.add_metric(labels, stats[key])
             yield family
         yield from (self._dbo(ranks), self._overlap(ranks), self._cache_info(ranks), self._success(ranks))
+        yield from self._steps(ranks)
+
+    @staticmethod
+    def _steps(ranks: list[tuple[list[str], dict]]) -> Iterator[Metric]:
+        """The engine's step time, and the part of it the host spent outside the model's device work (compare
+        with `bench step` figures of the same batch: the host part is what serving adds)."""
+        steps = HistogramMetricFamily("twinbatch:engine_step_seconds", "Wall time of the engine steps that ran "
+                                      "the model.", labels=LABELS)  # fmt: skip
+        doc = "Part of the steps' wall time outside the model's device work: scheduling, inputs, outputs."
+        host = CounterMetricFamily("twinbatch:engine_step_host_seconds", doc, labels=LABELS)
+        for labels, stats in ranks:
+            times = stats["step_seconds"]
+            buckets = [(str(le), n) for le, n in times["buckets"]] + [("+Inf", times["count"])]
+            steps.add_metric(labels, buckets, times["sum"])
+            host.add_metric(labels, times["host_sum"])
+        yield from (steps, host)
 
     @staticmethod
     def _dbo(ranks: list[tuple[list[str], dict]]) -> Metric:
