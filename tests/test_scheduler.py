@@ -63,8 +63,11 @@ class Step:
 
 
 def step(sched: Scheduler, samples: dict[str, int] | None = None) -> Step:
-    """One engine step without a model; checks the step's limits and the block accounting."""
+    """One engine step without a model; checks the step's limits, that no running decode waits for a prefill, and
+    the block accounting."""
+    decoding = {r.request_id for r in sched.running if r.num_uncomputed_tokens == 1}
     out = sched.schedule()
+    assert decoding <= {s.request.request_id for s in out.scheduled} | {r.request_id for r in out.preempted}
     config = sched.config
     assert out.num_tokens <= config.max_num_batched_tokens
     assert len(sched.running) <= config.max_num_seqs
@@ -219,6 +222,38 @@ def test_random_workloads_complete_under_kv_pressure(seed: int) -> None:
         sched.add_request(reqs[-1])
     outs = run_to_completion(sched, reqs)
     assert sum(len(o.preempted) for o in outs) > 0
+
+
+def test_arrivals_never_hold_back_running_decodes() -> None:
+    """Long prompts arrive while others decode: every step schedules every running decode first (step() checks
+    it), and a running prefill takes only what budget the decodes leave."""
+    rng = random.Random(7)
+    sched = make_scheduler(num_blocks=256, max_num_seqs=8, max_num_batched_tokens=12, max_model_len=64)
+    reqs, samples = [], {}
+    for i in range(40):
+        if i % 4 == 0:
+            reqs.append(make_request(str(i), rng.choice([2, 3, 50]), rng.randint(2, 10)))
+            sched.add_request(reqs[-1])
+        out = step(sched, samples)
+        decodes = sum(1 for _, n, _ in out.scheduled if n == 1)
+        assert out.num_tokens <= 12 and all(n <= 12 - decodes for _, n, _ in out.scheduled if n > 1)
+    run_to_completion(sched, [r for r in reqs if not r.is_finished])
+
+
+def test_decodes_get_a_token_every_step_while_a_long_prompt_prefills(dsv2_dir: Path) -> None:
+    """Three requests decode when a 200-token prompt arrives, budget 16 tokens a step: each of the 16 steps of its
+    prefill (13 tokens each beside the 3 decodes) gives every decode its token."""
+    engine = LLM(str(dsv2_dir), max_model_len=256, max_num_batched_tokens=16, max_num_seqs=8).llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    short = [engine.add_request([5 + i, 6, 7], params) for i in range(3)]
+    engine.step()  # their prefills
+    long = engine.add_request(list(range(2, 202)), SamplingParams(max_tokens=2, ignore_eos=True))
+    steps, produced = 0, set()
+    while long not in produced:
+        produced = {out.request_id for out in engine.step()}
+        steps += 1
+        assert set(short) <= produced  # no decode waited for the prefill
+    assert steps == math.ceil(200 / (16 - 3))
 
 
 # Engine level: a tiny checkpoint, with a KV cache that holds one full-length request and little more.

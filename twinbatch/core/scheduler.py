@@ -1,10 +1,16 @@
 """Continuous batching with chunked prefill and preemption by recomputation.
 
-Each step has a token budget (max_num_batched_tokens). Running requests are served first, oldest first, each
-taking the tokens it has not computed yet (one for a decode, a chunk for a prefill); then waiting requests join
-while budget, max_num_seqs and KV blocks allow. When a running request needs a block and none is free, the
-newest running request is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed later from its prompt and the tokens it has generated so far.
+Each step has a token budget (max_num_batched_tokens). Running requests are served first: every decode (one
+token), oldest first, then the running prefills, each taking a chunk of what budget is left; then waiting
+requests join while budget, max_num_seqs and KV blocks allow. So a running decode waits for no prefill: it gets
+its token in every step (unless preempted), and a step that also prefills holds at most the budget's tokens,
+which bounds how much longer that step takes than a decode-only one. A smaller budget lowers that bound (the
+inter-token latency of running requests while others prefill) and raises the time to first token of long
+prompts, whose prefill then takes more steps (docs/serving.md, scheduling).
+
+When a running request needs a block and none is free, the newest running request not yet scheduled in this
+step is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later from
+its prompt and the tokens it has generated so far.
 """
 
 from __future__ import annotations
@@ -82,20 +88,24 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        scheduled: set[str] = set()
+        for req in sorted(self.running, key=lambda r: r.num_uncomputed_tokens > 1):  # stable: decodes first
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted in this step to make room for an earlier one
             n = min(req.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(req, n):
-                victim = self.running.pop()
+                victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)  # req at worst
+                self.running.remove(victim)
                 self._preempt(victim, out)
                 if victim is req:
                     break
             else:
                 self.block_manager.allocate(req, n)
                 out.scheduled.append(ScheduledRequest(req, n))
+                scheduled.add(req.request_id)
                 budget -= n
-                i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
