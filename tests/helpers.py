@@ -58,8 +58,8 @@ def record_logits(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[
     rows: dict[str, list[torch.Tensor]] = defaultdict(list)
     execute = engine.model_runner.execute_model
 
-    def recording(plan):
-        out = execute(plan)
+    def recording(plan, *sampled):
+        out = execute(plan, *sampled)
         for s, row in zip([s for s in plan.batch.scheduled if s.completes_prefill], out.logits, strict=True):
             rows[s.request.request_id].append(row.clone())
         return out
@@ -89,10 +89,10 @@ def run_recording(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], 
     preemptions = 0
     execute = engine.model_runner.execute_model
 
-    def recording(plan: StepPlan) -> ModelRunnerOutput:
+    def recording(plan: StepPlan, *sampled: object) -> ModelRunnerOutput:
         nonlocal preemptions
         preemptions += len(plan.batch.preempted)
-        out = execute(plan)
+        out = execute(plan, *sampled)
         sampled = [s.request.request_id for s in plan.batch.scheduled if s.completes_prefill]
         for rid, row in zip(sampled, out.logits, strict=True):
             rows[rid].append(row.clone())

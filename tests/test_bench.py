@@ -45,8 +45,8 @@ def reject_nan(name: str) -> None:
 
 
 def test_bench_step_profile_writes_traces_and_kernel_tables(tmp_path: Path) -> None:
-    """--profile: a Perfetto trace and an operator table of one step with DBO off and one with DBO on, per rank
-    (on GPU the table lists kernels, graph-replayed ones included)."""
+    """--profile: a Perfetto trace and an operator table of one step in each mode, per rank (on GPU the table
+    lists kernels, graph-replayed ones included)."""
     args = "--data-parallel-size 2 --tokens-per-rank 8 --context-len 16 --num-steps 1 --warmup 0 --all2all-backend"
     args += f" all2all --profile {tmp_path} --disable-tqdm"
     cmd = [sys.executable, "-m", "twinbatch", "bench", "step", *args.split()]
@@ -54,7 +54,7 @@ def test_bench_step_profile_writes_traces_and_kernel_tables(tmp_path: Path) -> N
     out = run.stdout
     assert "tokens per rank" not in run.stderr
     assert out.startswith("model: twinbatch/tiny-deepseek-v2 (dummy weights)\nsetup: ")
-    for name in ("dbo_off", "dbo_on"):
+    for name in ("dbo_off", "dbo_on", "sbo2", "sbo4"):
         for rank in (0, 1):
             trace = json.loads((tmp_path / f"{name}_rank{rank}.json").read_text())
             ops = {e.get("name") for e in trace["traceEvents"]}
@@ -65,6 +65,20 @@ def test_bench_step_profile_writes_traces_and_kernel_tables(tmp_path: Path) -> N
                 assert len(threads) >= 3, "the microbatch threads' operators are in the trace"
         assert f"{name}_rank0: CPU operators" in out  # rank 0's tables are printed
     assert "dbo_off_rank1" not in out
+
+
+def test_bench_throughput_reports_each_run_and_the_median() -> None:
+    args = "--num-prompts 4 --input-len 6 --output-len 5 --num-iters 2 --max-model-len 64 --async-scheduling --json"
+    run = subprocess.run([sys.executable, "-m", "twinbatch", "bench", "throughput", *args.split()],
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    report = json.loads(run.stdout.strip().splitlines()[-1], parse_constant=reject_nan)
+    assert report["setup"]["async_scheduling"] is True and report["setup"]["num_prompts"] == 4
+    assert (
+        len(report["runs_s"]) == 2
+        and report["median_s"]
+        == sorted(report["runs_s"])[0] + (sorted(report["runs_s"])[1] - sorted(report["runs_s"])[0]) / 2
+    )
+    assert report["output_tokens_per_s"] == 4 * 5 / report["median_s"]
 
 
 def test_overlap_summary_of_a_step_s_kernels() -> None:

@@ -71,8 +71,8 @@ def engine_logits(model_dir: Path, step: Callable | None, **kw: object) -> dict[
     rows: dict[str, list[torch.Tensor]] = {}
     execute = engine.model_runner.execute_model
 
-    def recording(plan: StepPlan) -> ModelRunnerOutput:
-        out = execute(plan)
+    def recording(plan: StepPlan, *sampled: object) -> ModelRunnerOutput:
+        out = execute(plan, *sampled)
         for s, row in zip([s for s in plan.batch.scheduled if s.completes_prefill], out.logits, strict=True):
             rows.setdefault(s.request.request_id, []).append(row.clone())
         return out

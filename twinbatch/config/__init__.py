@@ -60,6 +60,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     max_num_seqs: int = option(256, "most requests running at once, per DP rank")
+    async_scheduling: bool = False  # EngineArgs.async_scheduling
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

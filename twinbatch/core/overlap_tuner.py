@@ -57,23 +57,24 @@ class OverlapTuner:
     def __init__(self, candidates: list[str]) -> None:
         self.candidates = candidates  # StepPlan labels; "off" first
         self.shapes: dict[tuple[str, int], _Shape] = {}
-        # the last step's (shape, mode asked for) and the mode it ran as, until its time arrives with the next sync
-        self.asked: tuple[tuple[str, int], str] | None = None
-        self.ran = "off"
+        # (shape, mode asked for, mode it ran as) of each step planned whose time has not arrived yet, oldest first:
+        # one step's with synchronous scheduling, two with asynchronous, where a step finishes a call later
+        self.asks: deque[tuple[tuple[str, int], str, str]] = deque()
         self.digest = zlib.crc32(repr(candidates).encode())  # of the candidates and every step recorded
 
     def step(self, shape: tuple[str, int], last_ms: float) -> tuple[str, str]:
-        """Records the last step's time (the slowest rank's, as synced; 0: none arrived) and chooses this step's
-        (label, reason); the step runs as that label unless `refused` says otherwise."""
-        if self.asked is not None and last_ms:
-            self.record(*self.asked, self.ran, last_ms)
+        """Records the oldest unrecorded step's time (the slowest rank's, as synced; 0: none arrived) and chooses
+        this step's (label, reason); the step runs as that label unless `refused` says otherwise."""
+        if self.asks and last_ms:
+            self.record(*self.asks.popleft(), last_ms)
         label, why = self.choose(shape)
-        self.asked, self.ran = (shape, label), label
+        self.asks.append((shape, label, label))
         return label, why
 
     def refused(self) -> None:
         """The mode this step asked for cannot run (DBO, where a rank cannot split its batch): it runs unsplit."""
-        self.ran = "off"
+        shape, asked, _ = self.asks[-1]
+        self.asks[-1] = (shape, asked, "off")
 
     def choose(self, shape: tuple[str, int]) -> tuple[str, str]:
         """(label, reason) for a step of this shape: a trial while the shape is measured, else the kept mode."""
@@ -119,8 +120,9 @@ class OverlapTuner:
 
 
 class StepTimer:
-    """How long the steps run (the tuner's input, and the engine's step statistics): CUDA events on GPU, read only
-    once the step has finished (its sampled tokens were read), the host clock on CPU.
+    """How long the steps run (the tuner's input, and the engine's step statistics): CUDA events around the model
+    on GPU, read once the step has finished (its sampled tokens were read), the host clock on CPU. Steps finish
+    in the order they were timed, one call of the engine later under asynchronous scheduling.
 
     TWINBATCH_AUTO_COSTS (fault-injection tests) replaces what the tuner sees: "off=10,dbo=4,sbo2=20" gives each
     mode's step a cost in ms; parts separated by "|" are the costs of DP rank 0, 1, ... (one part: every rank's).
@@ -129,33 +131,41 @@ class StepTimer:
     def __init__(self, device: torch.device, rank: int) -> None:
         self.device = device
         self.costs = _parse_costs(os.environ.get("TWINBATCH_AUTO_COSTS"), rank)
-        self.events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        self.label, self.us = "", 0
+        self.running: deque[tuple[str, int, tuple[torch.cuda.Event, torch.cuda.Event] | None]] = deque()
+        self.done: deque[tuple[str, int]] = deque()  # (label, us) of finished steps the tuner has not taken
 
     @contextlib.contextmanager
     def timing(self, label: str) -> Iterator[None]:
         """Times the step run inside the block, as mode `label`."""
-        self.label, self.us, start = label, 0, time.perf_counter()
+        start, events = time.perf_counter(), None
         if self.device.type == "cuda":
-            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            self.events[0].record()
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         yield
-        if self.events is not None:
-            self.events[1].record()
-        else:
-            self.us = max(1, int(1e6 * (time.perf_counter() - start)))
+        if events is not None:
+            events[1].record()
+        self.running.append((label, int(1e6 * (time.perf_counter() - start)), events))
 
-    def last_us(self) -> int:
-        """The last timed step's microseconds (0 before the first), until the next step is timed."""
-        if self.events is not None:
-            self.events[1].synchronize()
-            self.us, self.events = max(1, int(1e3 * self.events[0].elapsed_time(self.events[1]))), None
-        return self.us
+    def finished(self) -> int:
+        """The oldest timed step has finished: -> its microseconds, queued for the tuner."""
+        label, us, events = self.running.popleft()
+        if events is not None:
+            events[1].synchronize()  # done already: the step's tokens were read
+            us = int(1e3 * events[0].elapsed_time(events[1]))
+        self.done.append((label, max(1, us)))
+        return max(1, us)
 
-    def tuner_us(self) -> int:
-        """last_us, or the injected cost of the last step's mode (TWINBATCH_AUTO_COSTS)."""
-        us = self.last_us()
-        return int(1e3 * self.costs[self.label]) if us and self.label in self.costs else us
+    def report_us(self) -> int:
+        """The oldest finished step's time the tuner has not taken (0: none), with the injected costs."""
+        if not self.done:
+            return 0
+        label, us = self.done[0]
+        return int(1e3 * self.costs[label]) if label in self.costs else us
+
+    def taken(self) -> None:
+        """A step was planned, so the tuner took report_us's time: the next finished step's comes next."""
+        if self.done:
+            self.done.popleft()
 
 
 def _parse_costs(spec: str | None, rank: int) -> dict[str, float]:

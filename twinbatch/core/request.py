@@ -12,6 +12,8 @@ from twinbatch.core.detokenizer import IncrementalDetokenizer
 from twinbatch.outputs import PromptLogprobs, RequestMetrics, SampleLogprobs
 from twinbatch.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # an output token sampled on the device, not yet copied to the host
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -27,6 +29,8 @@ class Request:
     sampling_params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # sampled tokens not yet on the host (asynchronous scheduling): the last ones of output_token_ids, PLACEHOLDER
+    num_pending: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -59,6 +63,17 @@ class Request:
         first = self.first_token_time or now
         return RequestMetrics(scheduled - self.arrival_time, first - scheduled, now - first, now - scheduled,
                               self.num_preemptions)  # fmt: skip
+
+    @property
+    def resolved_output(self) -> list[int]:
+        """The output tokens the host has, those still on the device left out."""
+        return self.output_token_ids[: len(self.output_token_ids) - self.num_pending]
+
+    def at_length_limit(self, max_model_len: int) -> bool:
+        """No token may follow its last one, counting those still on the device: max_tokens or max_model_len."""
+        return len(self.output_token_ids) >= (self.sampling_params.max_tokens or float("inf")) or (
+            self.num_tokens >= max_model_len
+        )
 
     @property
     def num_tokens(self) -> int:

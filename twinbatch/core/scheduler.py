@@ -94,6 +94,8 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted in this step to make room for an earlier one
+            if req.num_pending and req.at_length_limit(self.config.max_model_len):
+                continue  # its token still on the device is its last: it finishes when the token arrives
             n = min(req.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(req, n):
                 victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)  # req at worst

@@ -91,6 +91,11 @@ class EngineArgs:
     max_num_batched_tokens: int | None = option(
         None, "most tokens in one step, per DP rank (default: 8192 on GPU, 2048 on CPU)"
     )
+    async_scheduling: bool = option(
+        False,
+        "schedule and prepare each step while the device runs the one before, its tokens read a step later "
+        "(off by default until measured on GPU; on CPU the host runs the model itself, so nothing overlaps)",
+    )
     num_gpu_blocks_override: int | None = option(None, "KV-cache blocks per rank, instead of sizing the cache")
     kv_cache_memory_bytes: int | None = option(
         None,
@@ -197,7 +202,7 @@ class EngineArgs:
         max_model_len = _default(self.max_model_len, model_cfg.max_position_embeddings)
         default_tokens = 8192 if device.type == "cuda" else 2048
         tokens = _default(self.max_num_batched_tokens, default_tokens)
-        sched = SchedulerConfig(tokens, max_model_len, self.max_num_seqs)
+        sched = SchedulerConfig(tokens, max_model_len, self.max_num_seqs, self.async_scheduling)
         num_blocks = self.num_gpu_blocks_override
         if num_blocks is None:
             num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device, parallel.ep_size)

@@ -17,7 +17,7 @@ from twinbatch.core.block_manager import BlockManager
 from twinbatch.core.detokenizer import IncrementalDetokenizer
 from twinbatch.core.dp_sync import DPSync
 from twinbatch.core.overlap_tuner import StepTimer
-from twinbatch.core.request import Request
+from twinbatch.core.request import PLACEHOLDER, Request
 from twinbatch.core.scheduler import Scheduler, SchedulerOutput
 from twinbatch.core.step_plan import StepPlan, StepPlanner, auto_tuner, overlap_counts
 from twinbatch.distributed.parallel_state import ParallelState
@@ -26,12 +26,38 @@ from twinbatch.layers.sampler import LogprobsTensors, compute_logprobs, sample
 from twinbatch.outputs import CompletionOutput, Logprob, RequestError, RequestOutput, error_line
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
-from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput
+from twinbatch.worker.model_runner import ModelRunner, ModelRunnerOutput, SampledTokens
 
 logger = logging.getLogger(__name__)
 STATS_LOG_EVERY = 1000  # steps
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0)  # fmt: skip
+
+
+@dataclass
+class Sampled:
+    """A launched step's sampled tokens: on the device (the next step's inputs may read them) and being copied to
+    the host with the logprobs; `copied` is recorded after the copies (None on CPU, where they are done)."""
+
+    requests: list[Request]  # one a row
+    tokens: SampledTokens
+    host_tokens: torch.Tensor
+    logprobs: LogprobsTensors | None
+    prompt_logprobs: dict[str, LogprobsTensors]
+    copied: torch.cuda.Event | None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Starts copying t to the host without waiting for the device (into pinned memory on GPU)."""
+    return t.to("cpu", non_blocking=True)
+
+
+def _copied(device: torch.device) -> torch.cuda.Event | None:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 @dataclass
@@ -84,6 +110,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.in_flight: Sampled | None = None  # the step launched, whose tokens are still to be read (async)
         self.generator = torch.Generator(config.device).manual_seed(config.seed)
         self.faults = _parse_fault(os.environ.get("TWINBATCH_REQUEST_FAULT"))
 
@@ -102,7 +130,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.is_finished:
-            self.scheduler.finish(req, "abort")
+            self._finish(req, "abort")
             self.num_aborted += 1
 
     def get_stats(self) -> dict:
@@ -129,10 +157,15 @@ class LLMEngine:
         }
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.in_flight is not None
 
     def step(self, stop: bool = False) -> list[RequestOutput]:
         """Runs one scheduled step; returns outputs of the requests that produced a token or finished.
+
+        With asynchronous scheduling the step is launched and the outputs returned are the step before's: its
+        tokens were copied to the host while this one was scheduled and prepared, so the GPU never waits for the
+        host between steps. A request that finished in the step before but was scheduled again gives nothing
+        more (its token is dropped; its KV blocks were freed when it finished).
 
         With data parallelism every rank calls this in lockstep: a rank without work runs a dummy batch while
         any rank has work. `stop` votes to leave the loop; `self.stopped` tells whether any rank did.
@@ -144,17 +177,22 @@ class LLMEngine:
                 self._inject_fault("step", s.request.prompt_token_ids)
         vote = self.planner.vote(batch)
         sync = self.dp_sync.sync(batch.num_tokens, stop, vote is None, batch.decode_only, batch.num_context_tokens,
-                                 self.timer.tuner_us(), self.planner.key())  # fmt: skip
+                                 self.timer.report_us(), self.planner.key())  # fmt: skip
         self.stopped = sync.stop
-        if not sync.any_work or sync.stop:
+        launched = None
+        if sync.any_work and not sync.stop:
+            plan = self.planner.plan(batch, vote, sync)
+            self.timer.taken()
+            self._count(plan)
+            with self.timer.timing(plan.label):
+                out = self.model_runner.execute_model(plan, self.in_flight and self.in_flight.tokens)
+            self.scheduler.update_after_step(batch)
+            launched = self._sample(batch, out)
+        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        if done is None:
             return []
-        plan = self.planner.plan(batch, vote, sync)
-        self._count(plan)
-        with self.timer.timing(plan.label):
-            out = self.model_runner.execute_model(plan)
-        self.scheduler.update_after_step(batch)
-        outputs = self._process(batch, out)  # sampling waits for the step's tokens: its device time is known
-        self.step_times.observe(time.perf_counter() - start, self.timer.last_us() / 1e6)
+        outputs = self._process(done)
+        self.step_times.observe(time.perf_counter() - start, self.timer.finished() / 1e6)
         return outputs
 
     def _count(self, plan: StepPlan) -> None:
@@ -166,34 +204,61 @@ class LLMEngine:
             if self.dbo_stats.total() % STATS_LOG_EVERY == 0:
                 logger.info("DBO steps on DP rank %d: %s", parallel.data_parallel_rank, dict(self.dbo_stats))
 
-    def _process(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
-        for request_id, tensors in out.prompt_logprobs.items():
-            req = self.requests[request_id]
-            req.prompt_logprobs += _logprob_dicts(tensors, req.sampling_params.prompt_logprobs)
+    def _sample(self, batch: SchedulerOutput, out: ModelRunnerOutput) -> Sampled:
+        """Samples on the device and starts copying the tokens and logprobs to the host; under asynchronous
+        scheduling each sampling request gets a placeholder token, to be replaced when the copy is read."""
         sampled = [s.request for s in batch.scheduled if s.request.num_computed_tokens == s.request.num_tokens]
         params = [r.sampling_params for r in sampled]
         tokens = sample(out.logits, params, [r.generator for r in sampled], self.generator)
-        self.num_generation_tokens += len(tokens)
-        if any(p.logprobs is not None for p in params):
-            self._sample_logprobs(sampled, out.logits, tokens)
-        outputs = [self._advance(req, token) for req, token in zip(sampled, tokens, strict=True)]
-        for req in sampled:
+        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        logprobs = compute_logprobs(out.logits, tokens, k) if k is not None else None
+        if self.async_scheduling:
+            for req in sampled:
+                req.output_token_ids.append(PLACEHOLDER)
+                req.num_pending += 1
+        rows = {req.request_id: i for i, req in enumerate(sampled)}
+        host_logprobs = logprobs.to_host() if logprobs is not None else None
+        prompt_logprobs = {rid: t.to_host() for rid, t in out.prompt_logprobs.items()}
+        return Sampled(sampled, SampledTokens(tokens, rows), _to_host(tokens), host_logprobs, prompt_logprobs,
+                       _copied(self.config.device))  # fmt: skip
+
+    def _process(self, done: Sampled) -> list[RequestOutput]:
+        """A step's tokens, once on the host: stop checks, detokenization, outputs. Requests that finished (or
+        were aborted) since the step was scheduled are left out."""
+        if done.copied is not None:
+            done.copied.synchronize()
+        for request_id, tensors in done.prompt_logprobs.items():
+            if (req := self.requests.get(request_id)) is not None:
+                req.prompt_logprobs += _logprob_dicts(tensors, req.sampling_params.prompt_logprobs)
+        outputs = []
+        for i, (req, token) in enumerate(zip(done.requests, done.host_tokens.tolist(), strict=True)):
             if req.is_finished:
-                del self.requests[req.request_id]
+                continue
+            if req.logprobs is not None:
+                req.logprobs += _logprob_dicts(done.logprobs[i : i + 1], req.sampling_params.logprobs)
+            self.num_generation_tokens += 1
+            outputs.append(self._advance(req, token))
+        for req in done.requests:
+            if req.is_finished:
+                self.requests.pop(req.request_id, None)
         return outputs
 
     def _advance(self, req: Request, token: int) -> RequestOutput:
-        """Appends a sampled token, checks the stop conditions, makes the output. What raises here belongs to
-        this request: it fails alone, and the step's other requests go on."""
+        """Adds a sampled token (in place of its placeholder), checks the stop conditions, makes the output. What
+        raises here belongs to this request: it fails alone, and the step's other requests go on."""
         try:
             self._inject_fault("output", req.prompt_token_ids)
             req.first_token_time = req.first_token_time or time.monotonic()
-            req.output_token_ids.append(token)
+            if req.num_pending:
+                req.output_token_ids[len(req.output_token_ids) - req.num_pending] = token
+                req.num_pending -= 1
+            else:
+                req.output_token_ids.append(token)
             self._check_stop(req, token)
             return self._make_output(req)
         except Exception as e:
             logger.exception("request %s failed while its output was processed", req.request_id)
-            self.scheduler.finish(req, "error")
+            self._finish(req, "error")
             return self.failed_output(req.request_id, RequestError(error_line(e), bad_input=False))
 
     def failed_output(self, request_id: str, error: RequestError) -> RequestOutput:
@@ -202,13 +267,6 @@ class LLMEngine:
     def _inject_fault(self, stage: str, token_ids: list[int]) -> None:
         if self.faults and any(at == stage and token in token_ids for at, token in self.faults):
             raise RuntimeError(f"injected fault (TWINBATCH_REQUEST_FAULT) at {stage}")
-
-    def _sample_logprobs(self, sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
-        k = max(r.sampling_params.logprobs or 0 for r in sampled)
-        tensors = compute_logprobs(logits, torch.tensor(tokens, device=logits.device), k)
-        for i, req in enumerate(sampled):
-            if req.logprobs is not None:
-                req.logprobs += _logprob_dicts(tensors[i : i + 1], req.sampling_params.logprobs)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.sampling_params
@@ -221,19 +279,25 @@ class LLMEngine:
         elif stop_string is not None:
             reason, stop = "stop", stop_string
         elif (
-            len(req.output_token_ids) >= (p.max_tokens or float("inf"))
-            or req.num_tokens >= self.config.scheduler.max_model_len
+            len(req.resolved_output) >= (p.max_tokens or float("inf"))
+            or req.num_tokens - req.num_pending >= self.config.scheduler.max_model_len
         ):
             reason = "length"
         if reason is not None:
             req.stop_reason = stop
-            self.scheduler.finish(req, reason)
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        """Ends a request; a token it still has on the device is dropped."""
+        del req.output_token_ids[len(req.output_token_ids) - req.num_pending :]
+        req.num_pending = 0
+        self.scheduler.finish(req, reason)
 
     def _make_output(self, req: Request) -> RequestOutput:
         """Cumulative output: all tokens so far, and the text that is final so far (all of it once finished)."""
         text = req.detokenizer.final_text(req.is_finished)
         logprobs = list(req.logprobs) if req.logprobs is not None else None
-        completion = CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason, req.stop_reason, logprobs)
+        completion = CompletionOutput(0, text, req.resolved_output, req.finish_reason, req.stop_reason, logprobs)
         prompt_logprobs = req.prompt_logprobs if req.num_computed_tokens >= len(req.prompt_token_ids) else None
         metrics = req.metrics(time.monotonic()) if req.is_finished else None
         rank = self.config.parallel.data_parallel_rank

@@ -148,10 +148,11 @@ def make_parser() -> argparse.ArgumentParser:
     add_serve_args(server)
     server.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from twinbatch.bench import serve, step
+    from twinbatch.bench import serve, step, throughput
 
     step.add_parser(bench)
     serve.add_parser(bench)
+    throughput.add_parser(bench)
     return parser
 
 

@@ -28,22 +28,19 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
-) -> list[int]:
-    """logits [num_rows, vocab] float32 -> one token id per row.
+) -> torch.Tensor:
+    """logits [num_rows, vocab] float32 -> one token id per row, [num_rows] int64 on the logits' device, with no
+    host synchronisation (asynchronous scheduling reads it a step later).
 
     Random rows use the exponential-race form of categorical sampling: argmax(p / E), E ~ Exp(1), drawn from
     the request's own generator when it has a seed.
     """
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
+    tokens = logits.argmax(dim=-1)
     for i, p in enumerate(params):
-        if p.greedy:
-            tokens.append(greedy[i])
-            continue
-        probs = _apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
-        gen = generators[i] or default_generator
-        noise = torch.empty_like(probs).exponential_(generator=gen)
-        tokens.append(int((probs / noise).argmax()))
+        if not p.greedy:
+            probs = _apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+            noise = torch.empty_like(probs).exponential_(generator=generators[i] or default_generator)
+            tokens[i] = (probs / noise).argmax()
     return tokens
 
 
@@ -59,6 +56,10 @@ class LogprobsTensors:
     def cat(parts: list[LogprobsTensors]) -> LogprobsTensors:
         fields = dataclasses.fields(LogprobsTensors)
         return LogprobsTensors(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields))
+
+    def to_host(self) -> LogprobsTensors:
+        """Starts copying to the host without waiting for the device."""
+        return LogprobsTensors(*(getattr(self, f.name).to("cpu", non_blocking=True) for f in dataclasses.fields(self)))
 
     def __getitem__(self, rows: slice) -> LogprobsTensors:
         return LogprobsTensors(self.logprob_token_ids[rows], self.logprobs[rows], self.selected_token_ranks[rows])

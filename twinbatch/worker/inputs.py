@@ -3,7 +3,7 @@ ModelRunner.prepare_inputs fills them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,8 @@ class StepInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled], the last new token of each request that samples
     query_starts: list[int] | None = None  # attn.query_start_loc on the host, where known without a device read
+    # (row of input_ids, request id) of tokens sampled by the step before and still on the device
+    pending: list[tuple[int, str]] = field(default_factory=list)
 
 
 class InputBuffers:

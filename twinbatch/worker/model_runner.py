@@ -45,6 +45,14 @@ PROMPT_LOGITS_CHUNK = 256  # rows of prompt logits at a time: [256, vocab] float
 
 
 @dataclass
+class SampledTokens:
+    """A step's sampled tokens on the device, [num_sampled] int64, and the row of each request id."""
+
+    tokens: torch.Tensor
+    rows: dict[str, int]
+
+
+@dataclass
 class ModelRunnerOutput:
     logits: torch.Tensor  # [num_sampled, vocab] float32, in scheduling order
     # request id -> LogprobsTensors of the prompt tokens this step scored (ScheduledRequest.prompt_logprob_positions)
@@ -192,9 +200,12 @@ class ModelRunner:
         table = np.zeros((rows, width), dtype=np.int32)  # numpy: cheap row writes from lists
         self.table_widths[:rows] = 0
         self.table_widths[: len(widths)] = widths
+        pending = []
         for i, s in enumerate(batch.scheduled):
             req, lo = s.request, s.request.num_computed_tokens
             hi = lo + s.num_new_tokens
+            if req.num_pending:  # its last token is still on the device (asynchronous scheduling)
+                pending.append((len(ids) + req.num_tokens - 1 - lo, req.request_id))
             ids += req.token_ids(lo, hi)
             positions += range(lo, hi)
             slots += [req.block_ids[p // bs] * bs + p % bs for p in range(lo, hi)]
@@ -210,6 +221,7 @@ class ModelRunner:
         seq_lens += [0] * (rows - len(seq_lens))
         starts += [starts[-1]] * (rows + 1 - len(starts))
         inputs = self._fill(ids, positions, slots, starts, seq_lens, torch.from_numpy(table), sample_rows)
+        inputs.pending = pending
         if packed:
             inputs.attn.decode_only, inputs.attn.context_bound = False, packed.context
         return inputs
@@ -256,13 +268,18 @@ class ModelRunner:
                           starts)  # fmt: skip
 
     @torch.inference_mode()
-    def execute_model(self, plan: StepPlan) -> ModelRunnerOutput:
+    def execute_model(self, plan: StepPlan, sampled: SampledTokens | None = None) -> ModelRunnerOutput:
         """Runs one planned step: float32 logits [num_sampled, vocab] in scheduling order, and the prompt
         logprobs of requests that ask for them (computed only then). The batch is padded as planned (an empty
         batch runs padding: the dummy batch of a DP rank without work, so the EP collectives still match), then
         replayed as the planned CUDA graph, or run eagerly where there is none (the packed prefill layout too,
-        as on CPU)."""
+        as on CPU). Under asynchronous scheduling, `sampled` holds the tokens the step before sampled, still on
+        the device: the requests whose last token is one of them read it from there."""
         inputs = self.prepare_inputs(plan.batch, plan.num_tokens, plan.pad_requests, plan.packed)
+        if inputs.pending:  # the tokens the step before sampled, from the device into this step's inputs
+            rows, dst = [sampled.rows[rid] for _, rid in inputs.pending], [at for at, _ in inputs.pending]
+            index = torch.tensor([dst, rows], dtype=torch.int64).to(self.device, non_blocking=True)
+            inputs.input_ids[index[0]] = sampled.tokens[index[1]]
         hidden = self.graphs.replay(plan, inputs.attn) if plan.graph is not None and self.graphs else None
         hidden = self.forward(inputs, plan) if hidden is None else hidden
         out = ModelRunnerOutput(self.model.compute_logits(hidden[inputs.logits_indices]))
