@@ -136,6 +136,20 @@ def test_graphs_are_captured_at_start_up_and_a_step_without_one_runs_eagerly(dsv
     assert tokens == greedy(LLM(str(dsv2_dir), enforce_eager=True, **kwargs), prompts, [6] * 4)
 
 
+def test_async_scheduling_on_gpu_matches_synchronous(dsv2_dir: Path) -> None:
+    """With CUDA graphs: the sampled tokens reach the next step's inputs on the device, and the outputs equal
+    synchronous scheduling's, logprobs included."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    prompts = [p[:40] for p in LONG] + HF_PROMPTS
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(str(dsv2_dir), device="cuda", dtype="float32", max_model_len=64, max_num_batched_tokens=32,
+                  async_scheduling=async_scheduling)  # fmt: skip
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outs])
+    assert runs[1] == runs[0]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_graphs_with_dp2_ep2(dsv2_dir: Path) -> None:
     kwargs = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 128, "data_parallel_size": 2,
