@@ -3,10 +3,12 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from helpers import DP_MAX_TOKENS, DP_PROMPTS, greedy, running, six_expert_check
 from twinbatch import LLM
 from twinbatch.engine.dp_client import HEARTBEAT_TIMEOUT_S
 from twinbatch.engine.launcher import free_port
+from twinbatch.engine.worker_main import connect, no_delay
 
 TEXT = ["Hello", "The capital of France is", "abc"]
 CLI_ARGS = ["--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel", "--max-tokens", "8"]
@@ -31,12 +34,31 @@ def test_dp2_ep2_matches_one_process(dsv2_dir: Path, reference: dict, backend: s
     llm = LLM(str(dsv2_dir), max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
               all2all_backend=backend)  # fmt: skip
     try:
+        assert all(nagle_off(conn) for conn in llm.llm_engine.conns.values())  # the front end's sockets
         assert greedy(llm, DP_PROMPTS, DP_MAX_TOKENS) == reference["batch"]
         if backend == "all2all":  # a caller away longer than the heartbeat timeout does not make a rank "silent"
             time.sleep(HEARTBEAT_TIMEOUT_S + 2)
         assert greedy(llm, DP_PROMPTS[2:3], [12]) == reference["single"]  # rank 1 has no request at all
     finally:
         llm.shutdown()
+
+
+def nagle_off(conn: Connection) -> bool:
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_worker_connections_send_without_nagle_delay() -> None:
+    with Listener(("127.0.0.1", 0), authkey=b"k") as listener:
+        client = threading.Thread(target=lambda: connected.append(connect(listener.address, b"k")))
+        connected: list[Connection] = []
+        client.start()
+        accepted = listener.accept()
+        client.join()
+    assert not nagle_off(accepted) and nagle_off(connected[0])  # the rank's end, as worker_main connects it
+    assert nagle_off(no_delay(accepted))
+    accepted.close()
+    connected[0].close()
 
 
 def test_dp3_matches_one_process(dsv2_dir: Path, tmp_path: Path) -> None:

@@ -110,11 +110,14 @@ def test_full_queue_answers_503(url: str) -> None:
     assert post(url, "/v1/completions", {"prompt": [5], "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
-def test_dead_rank_fails_pending_requests_and_stops_the_server(dsv2_dir: Path) -> None:
-    """A killed rank: pending requests fail with 500 naming it, the gauges read zero, the server exits non-zero."""
-    with server_process(str(dsv2_dir), *FLAGS) as server:
+@pytest.mark.parametrize("dp", [1, 2])
+def test_dead_rank_fails_pending_requests_and_stops_the_server(dsv2_dir: Path, dp: int) -> None:
+    """A killed rank: pending requests fail with 500 naming it, the gauges read zero, the server exits non-zero.
+    With DP=1 too: its engine runs in a worker process of its own, which fails the same way."""
+    flags, rank = (FLAGS, 1) if dp == 2 else (["--max-model-len", "128"], 0)
+    with server_process(str(dsv2_dir), *flags) as server:
         url, pids = server.url, server.worker_pids()
-        assert len(pids) == 2
+        assert len(pids) == dp
         body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
         pending: list[httpx.Response] = []
         waiter = threading.Thread(
@@ -124,11 +127,12 @@ def test_dead_rank_fails_pending_requests_and_stops_the_server(dsv2_dir: Path) -
         with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line)
             next(lines)  # generating
-            os.kill(pids[1], signal.SIGKILL)
+            os.kill(pids[rank], signal.SIGKILL)
             events = list(lines)
         dead = gauges(url)  # in the server's grace before it exits
         waiter.join(60)
-        assert events[-1] == "data: [DONE]" and '"code":500' in events[-2] and "DP rank 1" in events[-2]
-        assert pending[0].status_code == 500 and "DP rank 1" in pending[0].json()["error"]["message"]
+        name = f"DP rank {rank}"
+        assert events[-1] == "data: [DONE]" and '"code":500' in events[-2] and name in events[-2]
+        assert pending[0].status_code == 500 and name in pending[0].json()["error"]["message"]
         assert dead and all(v == 0 for v in dead.values()), dead
         assert server.wait_exit(20) != 0

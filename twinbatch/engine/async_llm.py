@@ -6,12 +6,12 @@
       per-request asyncio.Queue <-- call_soon_threadsafe -- outputs of the step
       leaving early (client gone) --("abort", ids)--> inbox --> engine.abort_request (frees its KV blocks)
 
-The engine is an LLMEngine (one DP rank, in this process) or a DPEngineClient (DP ranks in worker processes);
-both offer add_request / abort_request / step / get_stats / has_unfinished_requests. Only the engine thread
-touches the engine; the per-request queues are touched only on the event loop. A request that fails alone
-(adding it raised, or processing its output did) ends with an output that carries its error. A failing step fails
-every pending request and marks the engine dead (no new request is accepted; its gauges read zero), never
-leaving a caller waiting.
+The engine runs in processes of its own for every DP size (a DPEngineClient; with DP=1 one worker process): this
+process does HTTP, tokenization and the output streams, and shares its GIL with no model step. Only the engine
+thread touches the engine client; the per-request queues are touched only on the event loop. A request that
+fails alone (adding it raised, or processing its output did) ends with an output that carries its error. A
+failing step fails every pending request and marks the engine dead (no new request is accepted; its gauges read
+zero), never leaving a caller waiting.
 
 The HTTP side's tokenizer work (tokenizing, chat templates) runs on one thread of its own, `tokenizer_thread`:
 never on the event loop, whose streams a long prompt would stall, and never on two threads at once, which a
@@ -31,13 +31,11 @@ from typing import Any, TypeVar
 from twinbatch.config import EngineConfig
 from twinbatch.engine.dp_client import DPEngineClient
 from twinbatch.engine.input_processor import InputProcessor
-from twinbatch.engine.llm_engine import LLMEngine
 from twinbatch.outputs import RequestError, RequestOutput, error_line
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
-IDLE_WAIT_S = 0.1  # an idle in-process engine waits this long for a request before checking for shutdown
 DP_POLL_S = 0.005  # how long a DP front-end step waits for outputs before looking at new requests again
 
 EngineRequest = tuple[str, dict[str, Any], SamplingParams]  # (request id, {"prompt", "prompt_token_ids"}, params)
@@ -57,7 +55,7 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, max_waiting_requests: int) -> None:
         self.config = config
         dp = config.parallel.data_parallel_size
-        self.engine: LLMEngine | DPEngineClient = DPEngineClient(config) if dp > 1 else LLMEngine(config)
+        self.engine = DPEngineClient(config)  # DP=1 too: the engine in its own process
         # The HTTP side tokenizes with its own tokenizer: a Hugging Face tokenizer must not be used by two threads.
         self.tokenizer = load_tokenizer(config.tokenizer_path)
         self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="twinbatch-tokenizer")
@@ -92,8 +90,7 @@ class AsyncLLM:
         self._inbox.put(("wake",))
         if self._thread is not None:
             self._thread.join()
-        if isinstance(self.engine, DPEngineClient):
-            self.engine.shutdown()
+        self.engine.shutdown()
         self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def check_admission(self, num_requests: int) -> None:
@@ -135,12 +132,7 @@ class AsyncLLM:
         try:
             while not self._stopping.is_set():
                 self._take_requests()
-                if isinstance(self.engine, DPEngineClient):
-                    outputs = self.engine.step(timeout=DP_POLL_S)  # also reads stats that ranks send when idle
-                elif self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                else:
-                    continue
+                outputs = self.engine.step(timeout=DP_POLL_S)  # also reads stats that ranks send when idle
                 self._update_stats()
                 if outputs:
                     self._call(self._deliver, outputs)
@@ -151,10 +143,9 @@ class AsyncLLM:
             self._call(self._fail_all, EngineDeadError(f"the engine has failed: {error_line(e)}"))
 
     def _take_requests(self) -> None:
-        """Applies queued adds and aborts; an idle in-process engine blocks here until one comes."""
-        idle = isinstance(self.engine, LLMEngine) and not self.engine.has_unfinished_requests()
+        """Applies queued adds and aborts."""
         try:
-            msg = self._inbox.get(timeout=IDLE_WAIT_S) if idle else self._inbox.get_nowait()
+            msg = self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -180,7 +171,7 @@ class AsyncLLM:
 
     def _update_stats(self) -> None:
         stats = self.engine.get_stats()
-        self.stats = stats["ranks"] if isinstance(self.engine, DPEngineClient) else {0: stats}
+        self.stats = stats["ranks"]
 
     def _call(self, fn: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -19,6 +19,8 @@ from twinbatch.core.step_plan import overlap_counts
 from twinbatch.distributed.parallel_state import TIMEOUT_S
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.launcher import AUTHKEY, frontend_address, spawn_workers, with_free_ports
+from twinbatch.engine.output_deltas import DeltaDecoder
+from twinbatch.engine.worker_main import no_delay
 from twinbatch.outputs import RequestOutput
 from twinbatch.sampling_params import SamplingParams
 from twinbatch.tokenizer import load_tokenizer
@@ -43,6 +45,7 @@ class DPEngineClient:
         self.rank_stats: dict[int, dict] = {}  # the latest LLMEngine.get_stats() of each rank
         self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
         self.heard: dict[int, float] = {}  # when the front end last read a message from each rank
+        self.deltas = DeltaDecoder()  # ranks send what each step added; outputs here are cumulative
         self._closed = False
         with Listener(frontend_address(config, listen=True), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
@@ -57,7 +60,7 @@ class DPEngineClient:
         """Accepts every rank's connection, then waits until each has built its engine."""
         accepted: list[Connection] = []
         size = self.config.parallel.data_parallel_size
-        acceptor = threading.Thread(target=lambda: accepted.extend(listener.accept() for _ in range(size)))
+        acceptor = threading.Thread(target=lambda: accepted.extend(no_delay(listener.accept()) for _ in range(size)))
         acceptor.daemon = True
         acceptor.start()
         deadline = time.monotonic() + TIMEOUT_S
@@ -88,6 +91,7 @@ class DPEngineClient:
 
     def abort_request(self, request_id: str) -> None:
         rank = self.owner.pop(request_id, None)
+        self.deltas.forget(request_id)
         if rank is not None:
             self.load[rank] -= 1
             self._send(rank, ("abort", request_id))
@@ -142,8 +146,9 @@ class DPEngineClient:
         if kind != "outputs":
             return []
         self.rank_stats[rank] = rest[0]
-        self._count_finished(rank, payload)
-        return payload
+        outputs = [self.deltas.decode(delta) for delta in payload]
+        self._count_finished(rank, outputs)
+        return outputs
 
     def _count_finished(self, rank: int, outputs: list[RequestOutput]) -> None:
         for out in outputs:
