@@ -296,6 +296,7 @@ def test_bench_serve_times_a_fake_server(tmp_path: Path, capsys: pytest.CaptureF
         flags = "--num-prompts 8 --max-concurrency 4 --random-input-len 6 --ignore-eos --metric-percentiles 50,99"
         r = bench(url, tmp_path / "r.json", *flags.split(), "--random-output-len", str(out_len))
     assert (r["completed"], r["failed"], r["model_id"], r["random_vocab_size"]) == (8, 0, "fake-model", 50)
+    assert r["engine_steps"] is None  # a server without twinbatch's engine metrics
     assert (r["total_input_tokens"], r["total_output_tokens"]) == (8 * 6, 8 * out_len)
     assert server.max_in_flight == 4  # --max-concurrency held, and reached
     for p in (e["body"] for e in server.log):
@@ -423,6 +424,8 @@ def test_bench_serve_against_twinbatch_serve(twinbatch_server: str, tmp_path: Pa
     for t, gaps, e in zip(r["ttfts"], r["itls"], r["e2els"], strict=True):
         assert 1 <= len(gaps) <= 7 and t + sum(gaps) == pytest.approx(e)  # at most one chunk per token
     assert r["mean_tpot_ms"] > 0 and r["output_throughput"] == pytest.approx(128 / r["duration"])
+    steps = r["engine_steps"]  # the server's own step figures over the run, from its /metrics
+    assert 8 * 4 <= steps["count"] <= 16 * 8 and steps["mean_step_ms"] > 0 and 0 < steps["host_share"] < 1
 
 
 def test_bench_serve_against_twinbatch_serve_at_concurrency_512(twinbatch_server: str, tmp_path: Path) -> None:

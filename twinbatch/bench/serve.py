@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from twinbatch.bench.serve_client import CompletionClient
@@ -150,6 +151,30 @@ async def server_defaults(client: CompletionClient, args: argparse.Namespace) ->
     return model, int(vocab or DEFAULT_VOCAB_SIZE)
 
 
+ENGINE_SERIES = ("twinbatch:engine_step_seconds_count", "twinbatch:engine_step_seconds_sum",
+                 "twinbatch:engine_step_host_seconds_total")  # fmt: skip
+
+
+async def engine_totals(client: CompletionClient) -> tuple[float, ...] | None:
+    """The server's engine step count, step seconds and host seconds, summed over engines (DP ranks), from its
+    /metrics; None where it has none (not a twinbatch server)."""
+    with contextlib.suppress(aiohttp.ClientError, ValueError):
+        samples = [(s.name, s.value) for f in text_string_to_metric_families(await client.get_text("/metrics"))
+                   for s in f.samples]  # fmt: skip
+        totals = tuple(sum(v for n, v in samples if n == name) for name in ENGINE_SERIES)
+        return totals if any(n in ENGINE_SERIES for n, _ in samples) else None
+    return None
+
+
+def engine_steps(before: tuple[float, ...] | None, after: tuple[float, ...] | None) -> dict[str, float] | None:
+    """What the engine's steps did during the run: how many, their mean time, and the host's share of it (to
+    set against `bench step` figures of the same batch)."""
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    count, seconds, host = (a - b for a, b in zip(after, before, strict=True))
+    return {"count": count, "mean_step_ms": 1e3 * seconds / count, "host_share": host / seconds}
+
+
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -161,19 +186,24 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model {model!r}; {args.num_prompts} prompts of random ids in [0, {vocab}); "
               f"request rate {args.request_rate}, burstiness {args.burstiness}, "
               f"max concurrency {args.max_concurrency}")  # fmt: skip
+        before = await engine_totals(client)
         with frozen_heap():
             outputs, duration, cpu = await benchmark(args, client, model, requests)
+        steps = engine_steps(before, await engine_totals(client))
     selected = args.percentile_metrics.split(",")
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
     metrics = calculate_metrics(outputs, duration, cpu, percentiles)
     print(format_table(metrics, selected, args.max_concurrency, args.request_rate))
+    if steps is not None:
+        print(f"engine steps: {steps['count']:.0f}, mean {steps['mean_step_ms']:.2f} ms, "
+              f"host share {steps['host_share']:.1%}")  # fmt: skip
     setup = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai", "base_url": args.base_url,
              "endpoint": args.endpoint, "model_id": model, "num_prompts": args.num_prompts,
              "request_rate": args.request_rate, "burstiness": args.burstiness,
              "max_concurrency": args.max_concurrency, "random_input_len": args.random_input_len,
              "random_output_len": args.random_output_len, "random_vocab_size": vocab, "ignore_eos": args.ignore_eos,
              "seed": args.seed}  # fmt: skip
-    return setup | make_result_json(metrics, outputs, selected)
+    return setup | make_result_json(metrics, outputs, selected) | {"engine_steps": steps}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -38,6 +38,11 @@ class CompletionClient:
         async with self._pooled.get(self.base_url + path, raise_for_status=True) as response:
             return await response.json(content_type=None)
 
+    async def get_text(self, path: str) -> str:
+        """The body of GET base_url + path; raises aiohttp.ClientError on a transport error or non-2xx."""
+        async with self._pooled.get(self.base_url + path, raise_for_status=True) as response:
+            return await response.text()
+
     async def complete(self, endpoint: str, payload: dict[str, Any], prompt_len: int) -> RequestFuncOutput:
         """Streams one completion, timing each `data:` chunk; times count from the first attempt."""
         start = time.perf_counter()
