@@ -163,6 +163,25 @@ def test_prefill_buckets() -> None:
 
 
 @pytest.mark.parametrize(
+    ("overlap", "labels"),
+    [("off", ["off"]), ("dbo", ["off", "dbo"]), ("sbo", ["sbo2"]), ("auto", ["off", "dbo", "sbo2"])],
+)
+def test_graphs_captured_at_start_up(overlap: str, labels: list[str]) -> None:
+    """The set the engine captures before serving (8 decode rows, max_model_len 600, a 64-token budget, rows
+    capped at 8): decode graphs at every batch and context bucket, prefill graphs at 1, 4, 16, ... rows up to
+    what a bucket holds; DBO's only where each of 2 microbatches gets a token; each mode a step may run."""
+    parallel = ParallelConfig(data_parallel_size=2, enable_expert_parallel=True, overlap=overlap)
+    planner = StepPlanner(parallel, GraphBuckets(8, 600, 64))
+    assert planner.graph_labels() == labels
+    keys = planner.buckets.keys(labels, lambda tokens: min(8, tokens), parallel.ubatch_size)
+    decode = [("decode", b, c) for b in (1, 2, 4, 8) for c in (256, 512, 600)]
+    prefill = [("prefill", t, r) for t in (16, 32, 64) for r in (1, 4, 8)]
+    assert keys == [(*step, label) for step in decode + prefill for label in labels
+                    if label != "dbo" or step[1] >= 2]  # fmt: skip
+    assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize(
     ("tokens", "decode_only", "context", "want"),
     [
         ([5, 3], [True, True], [900, 500], GraphStep(8)),  # decodes: a decode graph, whatever their contexts

@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twinbatch.config import ParallelConfig
 from twinbatch.core.dp_sync import StepSync
 from twinbatch.core.overlap_tuner import OverlapTuner
 from twinbatch.core.scheduler import SchedulerOutput
+
+# ("decode", batch bucket, context bucket, mode label) or ("prefill", token bucket, request rows, mode label)
+GraphKey = tuple[str, int, int, str]
 
 
 class OverlapMode(enum.Enum):
@@ -123,6 +127,15 @@ class GraphBuckets:
 
     def context_bucket(self, max_seq_len: int) -> int:
         return next(c for c in self.context if c >= max_seq_len)
+
+    def keys(self, labels: list[str], max_rows: Callable[[int], int], ubatch_size: int) -> list[GraphKey]:
+        """Every graph a step in one of the modes `labels` can replay, in a fixed order: decode graphs of each
+        batch and context bucket; prefill graphs of each token bucket at 1, 4, 16, ... request rows up to
+        max_rows(tokens); DBO only at buckets of at least one token a microbatch."""
+        steps = [("decode", b, c) for b in self.batch for c in self.context]
+        steps += [("prefill", t, r) for t in self.prefill for r in _powers_of_4(max_rows(t))]
+        return [(kind, b, c, label) for (kind, b, c), label in itertools.product(steps, labels)
+                if label != "dbo" or b >= ubatch_size]  # fmt: skip
 
     def prefill_bucket(self, context_tokens: int) -> int | None:
         """The token bucket of a prefill graph whose requests' contexts (new tokens included) sum to
@@ -265,6 +278,14 @@ def auto_tuner(parallel: ParallelConfig) -> OverlapTuner | None:
 def _shares_kv_blocks(batch: SchedulerOutput) -> bool:
     blocks = [b for s in batch.scheduled for b in s.request.block_ids]
     return len(blocks) != len(set(blocks))
+
+
+def _powers_of_4(limit: int) -> list[int]:
+    """1, 4, 16, ... up to limit, which ends the list."""
+    rows = [1]
+    while rows[-1] < limit:
+        rows.append(min(4 * rows[-1], limit))
+    return rows
 
 
 def _power_of_two_buckets(limit: int, start: int = 1) -> list[int]:

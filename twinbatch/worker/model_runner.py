@@ -142,11 +142,8 @@ class ModelRunner:
         microbatch gets a token), then closes the set: a later step without a graph runs eagerly. Every DP rank
         captures the same graphs in the same order, so their collectives line up. -> {"graphs", "seconds",
         "memory_bytes"}: how many, how long it took, and the memory it reserved."""
-        graphs, buckets, n = self.graphs, self.buckets, self.config.parallel.ubatch_size
-        steps = [("decode", b, c) for b in buckets.batch for c in buckets.context]
-        steps += [("prefill", t, r) for t in buckets.prefill for r in _powers_of_4(self.request_rows(t))]
-        keys = [(kind, b, c, label) for (kind, b, c), label in itertools.product(steps, labels)
-                if label != "dbo" or b >= n]  # fmt: skip
+        graphs, buckets = self.graphs, self.buckets
+        keys = buckets.keys(labels, self.request_rows, self.config.parallel.ubatch_size)
         torch.cuda.empty_cache()  # as every capture does: memory cached before would read as freed by the graphs
         start, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         for kind, b, c, label in tqdm(keys, desc="Capturing CUDA graphs", unit="graph", disable=not progress):
@@ -311,14 +308,6 @@ class ModelRunner:
                 out[request_id] = merged[at : at + n]
                 at += n
         return out
-
-
-def _powers_of_4(limit: int) -> list[int]:
-    """The request-row counts of prefill graphs up to `limit` (ModelRunner.request_rows): 1, 4, 16, ..., limit."""
-    rows = [1]
-    while rows[-1] < limit:
-        rows.append(min(4 * rows[-1], limit))
-    return rows
 
 
 def graph_capturable(config: EngineConfig) -> bool:
