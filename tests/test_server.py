@@ -18,6 +18,7 @@ import pytest
 from helpers import metrics, post
 
 from twinbatch import LLM, SamplingParams
+from twinbatch.engine.llm_engine import StepTimes
 from twinbatch.entrypoints.openai.serving_chat import DEFAULT_CHAT_TEMPLATE
 
 MODEL = "twinbatch/tiny-deepseek-v2"
@@ -230,6 +231,15 @@ def test_metrics_count_tokens_and_latencies(url: str) -> None:
     info = next(labels for name, labels in after if name == "vllm:cache_config_info")
     assert ("block_size", "16") in info and ("cache_dtype", "float32") in info
     assert after[("vllm:num_requests_running", engine)] == 0 and after[("vllm:kv_cache_usage_perc", engine)] == 0
+
+
+def test_step_times_count_a_step_past_the_last_bucket_in_inf_alone() -> None:
+    times = StepTimes()
+    times.observe(0.004, 0.003)
+    times.observe(12.0, 11.0)  # past the last bucket (10 s)
+    stats = times.as_dict()
+    assert stats["count"] == 2 and stats["buckets"][-1] == (10.0, 1) and stats["buckets"][2] == (0.005, 1)
+    assert stats["sum"] == pytest.approx(12.004) and stats["host_sum"] == pytest.approx(1.001)
 
 
 def wait_idle(url: str, timeout: float = 10.0) -> dict:

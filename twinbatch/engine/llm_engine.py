@@ -73,7 +73,8 @@ class StepTimes:
     device_sum: float = 0.0
 
     def observe(self, seconds: float, device_seconds: float) -> None:
-        self.counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += seconds <= STEP_BUCKETS[-1]
+        if seconds <= STEP_BUCKETS[-1]:  # a longer step counts in +Inf alone (count)
+            self.counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
         self.count += 1
         self.sum += seconds
         self.device_sum += min(device_seconds, seconds)
