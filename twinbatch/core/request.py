@@ -69,11 +69,12 @@ class Request:
         """The output tokens the host has, those still on the device left out."""
         return self.output_token_ids[: len(self.output_token_ids) - self.num_pending]
 
-    def at_length_limit(self, max_model_len: int) -> bool:
-        """No token may follow its last one, counting those still on the device: max_tokens or max_model_len."""
-        return len(self.output_token_ids) >= (self.sampling_params.max_tokens or float("inf")) or (
-            self.num_tokens >= max_model_len
-        )
+    def at_length_limit(self, max_model_len: int, pending: bool = True) -> bool:
+        """No token may follow its last one: max_tokens or max_model_len reached, counting the tokens still on the
+        device unless `pending` is False."""
+        uncounted = 0 if pending else self.num_pending
+        max_tokens = self.sampling_params.max_tokens or float("inf")
+        return len(self.output_token_ids) - uncounted >= max_tokens or self.num_tokens - uncounted >= max_model_len
 
     @property
     def num_tokens(self) -> int:

@@ -228,13 +228,8 @@ class StepPlanner:
         return mode, reason, rounds
 
     def graph_labels(self) -> list[str]:
-        """The modes whose CUDA graphs steps may replay: every step's under sbo; off and dbo under dbo; off, dbo
-        and SBO under auto; off otherwise."""
-        cfg, sbo = self.parallel, f"sbo{self.parallel.sbo_rounds}"
-        if cfg.overlap == "sbo":
-            return [sbo]
-        auto_sbo = [sbo] if cfg.overlap == "auto" and cfg.sbo_rounds > 1 else []
-        return ["off", *(["dbo"] if cfg.enable_dbo else []), *auto_sbo]
+        """The modes whose CUDA graphs steps may replay (step_labels)."""
+        return step_labels(self.parallel)
 
     def graph(self, sync: StepSync) -> GraphStep | None:
         """A decode graph when every rank has only decodes (or nothing) and the largest batch fits a bucket; else
@@ -268,11 +263,19 @@ def uniform_plan(
     return planner.plan(batch, None, sync)
 
 
+def step_labels(parallel: ParallelConfig) -> list[str]:
+    """The modes a step may run, as StepPlan labels: every step's under sbo; off and dbo under dbo; off, dbo and
+    SBO in --sbo-rounds rounds (if more than one) under auto; off otherwise."""
+    sbo = f"sbo{parallel.sbo_rounds}"
+    if parallel.overlap == "sbo":
+        return [sbo]
+    auto_sbo = [sbo] if parallel.overlap == "auto" and parallel.sbo_rounds > 1 else []
+    return ["off", *(["dbo"] if parallel.enable_dbo else []), *auto_sbo]
+
+
 def auto_tuner(parallel: ParallelConfig) -> OverlapTuner | None:
-    """The tuner of --overlap auto: off, dbo and SBO in --sbo-rounds rounds (if more than one); None otherwise."""
-    if parallel.overlap != "auto":
-        return None
-    return OverlapTuner(["off", "dbo", *([f"sbo{parallel.sbo_rounds}"] if parallel.sbo_rounds > 1 else [])])
+    """The tuner of --overlap auto, its candidates every mode a step may run (step_labels); None otherwise."""
+    return OverlapTuner(step_labels(parallel)) if parallel.overlap == "auto" else None
 
 
 def _shares_kv_blocks(batch: SchedulerOutput) -> bool:

@@ -87,7 +87,6 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         self._stopping.set()
-        self._inbox.put(("wake",))
         if self._thread is not None:
             self._thread.join()
         self.engine.shutdown()

@@ -279,10 +279,7 @@ class LLMEngine:
             reason = "stop"
         elif stop_string is not None:
             reason, stop = "stop", stop_string
-        elif (
-            len(req.resolved_output) >= (p.max_tokens or float("inf"))
-            or req.num_tokens - req.num_pending >= self.config.scheduler.max_model_len
-        ):
+        elif req.at_length_limit(self.config.scheduler.max_model_len, pending=False):
             reason = "length"
         if reason is not None:
             req.stop_reason = stop
