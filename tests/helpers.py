@@ -7,6 +7,7 @@ worker processes the tests spawn, which inherit sys.path).
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -248,8 +249,10 @@ def make_meta(context: list[int], new: list[int], pad: int = 0, block: int = BLO
     return AttentionMetadata(query_start_loc, torch.tensor(seq_lens, dtype=torch.int32), tables, slot_mapping, block)
 
 
-def run_attention(meta: AttentionMetadata, bounds: list[int] | None, reverse: bool = False) -> torch.Tensor:
-    """One attention layer: writes the new tokens' KV, then attends, whole or microbatch by microbatch."""
+def run_attention(meta: AttentionMetadata, bounds: list[int] | None, reverse: bool = False, split: bool = False
+                  ) -> torch.Tensor:  # fmt: skip
+    """One attention layer: writes the new tokens' KV, then attends, whole or microbatch by microbatch. split: as
+    a fast backend does, the decodes to a decode function (here the loop over them alone), the rest packed."""
     gen = torch.Generator().manual_seed(1)
     cache = torch.randn(NUM_BLOCKS, meta.block_size, 2, KV_HEADS, HEAD_DIM, generator=gen)
     q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen)
@@ -259,9 +262,12 @@ def run_attention(meta: AttentionMetadata, bounds: list[int] | None, reverse: bo
         slices = packed_slices(meta.num_reqs, bounds) if meta.context_bound else slice_requests(meta.host[0], bounds)
         parts = [(s.tokens, split_attention_metadata(meta, s)) for s in slices]
     out = torch.empty(meta.num_tokens, HEADS, HEAD_DIM)
+    attend = functools.partial(paged_attention_reference, cache=cache, expand_kv=lambda e: e.unbind(1),
+                               scale=HEAD_DIM**-0.5, v_dim=HEAD_DIM)  # fmt: skip
     for tokens, m in reversed(parts) if reverse else parts:
         write_kv(cache, m.slot_mapping, kv[tokens])
-        out[tokens] = paged_attention_reference(q[tokens], cache, m, lambda e: e.unbind(1), HEAD_DIM**-0.5, HEAD_DIM)
+        decode = (lambda rows, sub, qs=q[tokens]: attend(qs[rows], meta=sub)) if split else None
+        out[tokens] = attend(q[tokens], meta=m, decode=decode)
     return out
 
 

@@ -41,6 +41,21 @@ def test_packed_attention_equals_the_loop(empty_rows: int, spare: int, pad: int,
     assert not got[sum(MIXED[1]) :].any()  # padding tokens get 0
 
 
+@pytest.mark.parametrize("pad", [0, 4])
+@pytest.mark.parametrize("k", [None, 2])
+def test_split_attention_equals_the_loop(pad: int, k: int | None) -> None:
+    """An eager prefill or mixed step on a fast backend: the decodes go to the decode kernel together and the
+    other requests to one packed attention over their contexts (no loop), whole and microbatched."""
+    meta = make_meta(*MIXED, pad=pad)
+    bounds = ubatch_bounds(meta.num_tokens, k) if k else None
+    want = run_attention(meta, bounds)
+    got = run_attention(make_meta(*MIXED, pad=pad), bounds, split=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    decodes, prefills = meta.split
+    assert sorted(decodes.requests) == [i for i, n in enumerate(MIXED[1]) if n == 1]
+    assert prefills.meta.context_bound == sum(c + n for c, n in zip(*MIXED, strict=True) if n > 1)
+
+
 def test_packed_attention_oracle_detects_a_short_context_bound() -> None:
     meta = make_meta(*MIXED)
     short = dataclasses.replace(packed(meta, 0, 0), context_bound=int(meta.seq_lens.sum()) - 3)

@@ -49,6 +49,12 @@ class AttentionMetadata:
         """(query_start_loc, seq_lens) as Python lists, for the reference kernel's loop."""
         return self.query_start_loc.tolist(), self.seq_lens.tolist()
 
+    @cached_property
+    def split(self) -> tuple[Decodes | None, Prefills | None]:
+        """A prefill or mixed step's decodes and other requests, worked out once a step for every layer."""
+        decodes = decodes_of(self)
+        return decodes, prefills_of(self, decodes)
+
 
 @opaque  # compiled, the write into a view of the cache became a copy of the whole cache
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, entries: torch.Tensor) -> None:
@@ -68,12 +74,41 @@ ExpandKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class Decodes:
-    """The requests of a mixed step that have one new token: a decode kernel serves them while the others take
-    the reference loop (which would gather, expand and run SDPA once per request)."""
+    """The requests of a mixed step that have one new token: a decode kernel serves them together."""
 
     requests: frozenset[int]  # their indices in the step
     rows: torch.Tensor  # [n] int64, their token rows
     meta: AttentionMetadata  # decode-only metadata of theirs alone
+
+
+@dataclass
+class Prefills:
+    """The requests of a prefill or mixed step with more than one new token, for one packed attention."""
+
+    rows: torch.Tensor  # [n] int64, their token rows
+    meta: AttentionMetadata  # their metadata alone, in the packed layout bounded by their contexts' sum
+
+
+def prefills_of(meta: AttentionMetadata, decodes: Decodes | None) -> Prefills | None:
+    """The requests with new tokens that are not decodes, or None. Reads the host offsets."""
+    starts, seq_lens = meta.host
+    skip = decodes.requests if decodes else frozenset()
+    requests = [i for i in range(len(seq_lens)) if starts[i + 1] > starts[i] and i not in skip]
+    if not requests:
+        return None
+    device = meta.seq_lens.device
+    rows = torch.tensor([t for i in requests for t in range(starts[i], starts[i + 1])], device=device)
+    cu_q = [0]
+    for i in requests:
+        cu_q.append(cu_q[-1] + starts[i + 1] - starts[i])
+    index = torch.tensor(requests, device=device)
+    sub = AttentionMetadata(
+        query_start_loc=torch.tensor(cu_q, dtype=meta.query_start_loc.dtype, device=device),
+        seq_lens=meta.seq_lens[index], block_tables=meta.block_tables[index], slot_mapping=meta.slot_mapping[rows],
+        block_size=meta.block_size, max_seq_len=max(seq_lens[i] for i in requests),
+        context_bound=sum(seq_lens[i] for i in requests),
+    )  # fmt: skip
+    return Prefills(rows, sub)
 
 
 def decodes_of(meta: AttentionMetadata) -> Decodes | None:
@@ -110,19 +145,26 @@ def paged_attention_reference(
 
     q: [num_tokens, num_heads, qk_dim]; expand_kv turns gathered cache entries [seq_len, *E] into
     k [seq_len, num_kv_heads, qk_dim] and v [seq_len, num_kv_heads, v_dim]. Returns [num_tokens, num_heads, v_dim].
-    With `decode` (a prefill or mixed step on a fast backend), the requests with one new token skip the loop and
-    go to decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together. With
-    meta.context_bound it is packed_attention instead: no loop, no host reads.
+    With `decode` (a prefill or mixed step on a fast backend) there is no loop either: the requests with one new
+    token go to decode(their token rows, their decode-only metadata) -> [rows, num_heads, v_dim] together, the
+    others to one packed_attention over their contexts, so an eager step issues the same kernels a layer whatever
+    its number of requests (the loop cost some 0.6 ms of host time a request a layer on GPU). With
+    meta.context_bound it is packed_attention over every request: no host reads.
     """
     if meta.context_bound:
         return packed_attention(q, cache, meta, expand_kv, scale, v_dim)
-    starts, seq_lens = meta.host
-    decodes = decodes_of(meta) if decode is not None else None
-    skip = decodes.requests if decodes else frozenset()
     out = q.new_zeros(q.shape[0], q.shape[1], v_dim)  # padding tokens attend to nothing
+    if decode is not None:
+        decodes, prefills = meta.split
+        if prefills:
+            out[prefills.rows] = packed_attention(q[prefills.rows], cache, prefills.meta, expand_kv, scale, v_dim)
+        if decodes:
+            out[decodes.rows] = decode(decodes.rows, decodes.meta)
+        return out
+    starts, seq_lens = meta.host
     for i, seq_len in enumerate(seq_lens):
         lo, hi = starts[i], starts[i + 1]
-        if hi == lo or i in skip:
+        if hi == lo:
             continue
         k, v = expand_kv(gather_kv(cache, meta.block_tables[i], seq_len))
         # causal with the queries at the end of the sequence; a bias object, not a mask tensor, so SDPA may use its
@@ -141,8 +183,6 @@ def paged_attention_reference(
             enable_gqa=k.shape[1] != q.shape[1],
         )
         out[lo:hi] = o[0, ..., :v_dim].transpose(0, 1)
-    if decodes:
-        out[decodes.rows] = decode(decodes.rows, decodes.meta)
     return out
 
 
