@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     median = statistics.median(runs)
     return {
         "setup": {"model": args.model, "num_prompts": args.num_prompts, "input_len": args.input_len,
-                  "output_len": args.output_len, "async_scheduling": engine_args.async_scheduling,
+                  "output_len": args.output_len, "async_scheduling": config.scheduler.async_scheduling,
                   "device": str(config.device), "dtype": str(config.dtype)},
         "runs_s": runs,
         "median_s": median,

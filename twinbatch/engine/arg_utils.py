@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,7 +42,10 @@ def _auto(choice: str, gpu_choice: str, device: torch.device) -> str:
     return (gpu_choice if device.type == "cuda" else "reference") if choice == "auto" else choice
 
 
-def _default(value: int | None, default: int) -> int:
+T = TypeVar("T")
+
+
+def _default(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
@@ -91,10 +94,10 @@ class EngineArgs:
     max_num_batched_tokens: int | None = option(
         None, "most tokens in one step, per DP rank (default: 8192 on GPU, 2048 on CPU)"
     )
-    async_scheduling: bool = option(
-        False,
+    async_scheduling: bool | None = option(
+        None,
         "schedule and prepare each step while the device runs the one before, its tokens read a step later "
-        "(off by default until measured on GPU; on CPU the host runs the model itself, so nothing overlaps)",
+        "(default: on for CUDA; off on CPU, where the host runs the model itself, so nothing overlaps)",
     )
     num_gpu_blocks_override: int | None = option(None, "KV-cache blocks per rank, instead of sizing the cache")
     kv_cache_memory_bytes: int | None = option(
@@ -202,7 +205,8 @@ class EngineArgs:
         max_model_len = _default(self.max_model_len, model_cfg.max_position_embeddings)
         default_tokens = 8192 if device.type == "cuda" else 2048
         tokens = _default(self.max_num_batched_tokens, default_tokens)
-        sched = SchedulerConfig(tokens, max_model_len, self.max_num_seqs, self.async_scheduling)
+        async_scheduling = _default(self.async_scheduling, device.type == "cuda")
+        sched = SchedulerConfig(tokens, max_model_len, self.max_num_seqs, async_scheduling)
         num_blocks = self.num_gpu_blocks_override
         if num_blocks is None:
             num_blocks = self._default_num_blocks(model_cfg, sched, dtype, device, parallel.ep_size)
@@ -255,6 +259,9 @@ class EngineArgs:
             text = f.metadata["help"]
             if f.type == "bool":
                 parser.add_argument(*flags, action="store_true", help=text)
+                continue
+            if f.type == "bool | None":  # on or off by default per device: --flag / --no-flag
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=text)
                 continue
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             text += "" if f.default is None else " (default: %(default)s)"
