@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,10 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
             parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank),
         )
         engine = LLMEngine(config, init_distributed(config.parallel, config.device))
+        # what start-up built (torch, compiled code, graphs) stays out of the collector's full sweeps: one took a
+        # 0.43 s step on an H200 mid-serving. Only in this process: frozen cycles are never freed
+        gc.collect()
+        gc.freeze()
         link.send(("ready", rank))
         _loop(engine, link)
         engine.model_runner.shutdown()

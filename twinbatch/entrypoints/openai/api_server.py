@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -73,6 +74,8 @@ def build_app(engine: AsyncLLM, options: ServerOptions, on_engine_death: Callabl
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         watcher = asyncio.create_task(_watch_engine(engine, on_engine_death))
+        gc.collect()  # start-up's objects (torch's among them) out of the full sweeps, which stall every stream
+        gc.freeze()
         try:
             yield
         finally:
