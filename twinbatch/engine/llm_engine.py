@@ -194,6 +194,8 @@ class LLMEngine:
             return []
         outputs = self._process(done)
         self.step_times.observe(time.perf_counter() - start, self.timer.finished() / 1e6)
+        if launched is not None and logger.isEnabledFor(logging.DEBUG):
+            _log_step(batch, plan, time.perf_counter() - start)
         return outputs
 
     def _count(self, plan: StepPlan) -> None:
@@ -301,6 +303,17 @@ class LLMEngine:
         rank = self.config.parallel.data_parallel_rank
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished,
                              prompt_logprobs, metrics=metrics, engine_index=rank)  # fmt: skip
+
+
+def _log_step(batch: SchedulerOutput, plan: StepPlan, seconds: float) -> None:
+    """One line a step (TWINBATCH_LOG_LEVEL=DEBUG): what it held, how it ran, and how long step() took (with
+    asynchronous scheduling that includes waiting for the step before)."""
+    decodes = sum(s.num_new_tokens == 1 for s in batch.scheduled)
+    context = batch.num_context_tokens - batch.num_tokens  # the step's tokens are counted as computed by now
+    graph = "eager" if plan.graph is None else f"{'prefill' if plan.graph.prefill else 'decode'} {plan.graph.tokens}"
+    logger.debug("step: %d decodes, %d prefill tokens in %d requests, %d context tokens; %s, %s; %.1f ms", decodes,
+                 batch.num_tokens - decodes, len(batch.scheduled) - decodes, context, plan.label,
+                 graph, seconds * 1e3)  # fmt: skip
 
 
 def _parse_fault(spec: str | None) -> list[tuple[str, int]]:
