@@ -20,6 +20,7 @@ from twinbatch.distributed.parallel_state import TIMEOUT_S
 from twinbatch.engine.input_processor import InputProcessor, Prompt
 from twinbatch.engine.launcher import AUTHKEY, frontend_address, spawn_workers, with_free_ports
 from twinbatch.engine.output_deltas import DeltaDecoder
+from twinbatch.engine.output_processor import OutputProcessor
 from twinbatch.engine.worker_main import no_delay
 from twinbatch.outputs import RequestOutput
 from twinbatch.sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class DPEngineClient:
         self.outboxes: dict[int, queue.SimpleQueue] = {}  # messages to each rank, sent by its own thread
         self.heard: dict[int, float] = {}  # when the front end last read a message from each rank
         self.deltas = DeltaDecoder()  # ranks send what each step added; outputs here are cumulative
+        self.text = OutputProcessor(self.tokenizer)  # the ranks send token ids; the text is made here
         self._closed = False
         with Listener(frontend_address(config, listen=True), authkey=AUTHKEY) as listener:
             self.procs = spawn_workers(config, listener.address)
@@ -85,6 +87,7 @@ class DPEngineClient:
         request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.owner)
         rank = min(self.load, key=self.load.__getitem__)
         self._send(rank, ("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
+        self.text.add_request(request_id, params)
         self.owner[request_id] = rank
         self.load[rank] += 1
         return request_id
@@ -92,6 +95,7 @@ class DPEngineClient:
     def abort_request(self, request_id: str) -> None:
         rank = self.owner.pop(request_id, None)
         self.deltas.forget(request_id)
+        self.text.forget(request_id)
         if rank is not None:
             self.load[rank] -= 1
             self._send(rank, ("abort", request_id))
@@ -146,14 +150,18 @@ class DPEngineClient:
         if kind != "outputs":
             return []
         self.rank_stats[rank] = rest[0]
-        outputs = [self.deltas.decode(delta) for delta in payload]
-        self._count_finished(rank, outputs)
-        return outputs
-
-    def _count_finished(self, rank: int, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            if out.finished and self.owner.pop(out.request_id, None) is not None:
+        outputs = []
+        for delta in payload:
+            if delta.request_id not in self.owner:
+                continue  # ended here (a stop string, an abort) while the rank ran on: it stops when it hears
+            out, stopped = self.text.process(self.deltas.decode(delta))
+            if stopped:
+                self.abort_request(out.request_id)
+            elif out.finished:
+                del self.owner[out.request_id]
                 self.load[rank] -= 1
+            outputs.append(out)
+        return outputs
 
     def _check_heartbeats(self) -> None:
         """Fails naming a rank the front end has heard nothing from for HEARTBEAT_TIMEOUT_S. Time spent away

@@ -87,8 +87,11 @@ class StepTimes:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None, detokenize: bool = True) -> None:
+        """detokenize=False (a DP rank serving a front end, which detokenizes: engine/output_processor.py): outputs
+        carry no text, and stop strings are left to the front end."""
         self.config = config
+        self.detokenize = detokenize
         parallel = parallel or ParallelState()
         self.tokenizer = load_tokenizer(config.tokenizer_path)
         self.process_input = InputProcessor(self.tokenizer, config.scheduler.max_model_len, config.model.vocab_size)
@@ -121,7 +124,8 @@ class LLMEngine:
         request_id, text, token_ids = self.process_input.new_request(prompt, params, request_id, self.requests)
         self._inject_fault("add", token_ids)
         gen = None if params.seed is None else torch.Generator(self.config.device).manual_seed(params.seed)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop_strings)
+        tokenizer, stops = (self.tokenizer, params.stop_strings) if self.detokenize else (None, [])
+        detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, stops)
         req = Request(request_id, text, token_ids, params, generator=gen, detokenizer=detokenizer)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(token_ids)
@@ -299,7 +303,9 @@ class LLMEngine:
         logprobs = list(req.logprobs) if req.logprobs is not None else None
         completion = CompletionOutput(0, text, req.resolved_output, req.finish_reason, req.stop_reason, logprobs)
         prompt_logprobs = req.prompt_logprobs if req.num_computed_tokens >= len(req.prompt_token_ids) else None
-        metrics = req.metrics(time.monotonic()) if req.is_finished else None
+        # the front end may end a request on a stop string: it then needs the metrics so far
+        ended_elsewhere = not self.detokenize and req.sampling_params.stop_strings
+        metrics = req.metrics(time.monotonic()) if req.is_finished or ended_elsewhere else None
         rank = self.config.parallel.data_parallel_rank
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished,
                              prompt_logprobs, metrics=metrics, engine_index=rank)  # fmt: skip

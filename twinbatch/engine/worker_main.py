@@ -98,7 +98,7 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], authke
             device=worker_device(config, rank),
             parallel=dataclasses.replace(config.parallel, data_parallel_rank=rank),
         )
-        engine = LLMEngine(config, init_distributed(config.parallel, config.device))
+        engine = LLMEngine(config, init_distributed(config.parallel, config.device), detokenize=False)
         # what start-up built (torch, compiled code, graphs) stays out of the collector's full sweeps: one took a
         # 0.43 s step on an H200 mid-serving. Only in this process: frozen cycles are never freed
         gc.collect()
