@@ -38,6 +38,27 @@ def test_top_p_keeps_the_nucleus() -> None:
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
+def test_each_row_follows_its_own_parameters() -> None:
+    """One batch mixing greedy rows, temperatures, top-k (past the vocabulary too) and top-p: sampled together,
+    each row still draws from its own distribution."""
+    kinds = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0, top_k=2),
+             SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=2.0, top_k=100)]  # fmt: skip
+    n = DRAWS // 2
+    tokens = sample(LOGITS.expand(n * len(kinds), -1), kinds * n, [None] * (n * len(kinds)), torch.Generator())
+    probs = LOGITS.softmax(-1)
+    expected = [
+        (LOGITS / 0.5).softmax(-1),
+        torch.cat([LOGITS[:2].softmax(-1), torch.zeros(4)]),
+        torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(3)]),
+        torch.eye(6)[0],
+        (LOGITS / 2).softmax(-1),
+    ]
+    for k, want in enumerate(expected):
+        freq = torch.bincount(tokens[k :: len(kinds)], minlength=LOGITS.numel()).float() / n
+        torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
+
+
 def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
     tokens = sample(logits, [SamplingParams(temperature=0.0)] * 4, [None] * 4, torch.Generator())

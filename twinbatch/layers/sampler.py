@@ -10,17 +10,16 @@ import torch
 from twinbatch.sampling_params import SamplingParams
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [vocab] -> logits with the tokens outside top-k and the top-p nucleus set to -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab], top_k [rows] (0: off), top_p [rows] -> logits with the tokens outside each row's
+    top-k and top-p nucleus set to -inf. One sort for every row."""
+    values, order = logits.sort(dim=-1, descending=True)
+    kth = values.gather(1, (top_k - 1).clamp(0, logits.shape[-1] - 1)[:, None])  # each row's k-th largest
+    values = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf"))
+    probs = values.softmax(-1)
+    # keep the smallest prefix whose mass reaches top_p; rows with top_p 1 keep everything
+    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    return logits.scatter(1, order, values.masked_fill(drop, float("-inf")))
 
 
 def sample(
@@ -33,14 +32,28 @@ def sample(
     host synchronisation (asynchronous scheduling reads it a step later).
 
     Random rows use the exponential-race form of categorical sampling: argmax(p / E), E ~ Exp(1), drawn from
-    the request's own generator when it has a seed.
+    the request's own generator when it has a seed (a row at a time), else from the engine's (all at once). The
+    random rows are scaled, filtered and drawn together: a fixed number of kernels whatever their number.
     """
     tokens = logits.argmax(dim=-1)
-    for i, p in enumerate(params):
-        if not p.greedy:
-            probs = _apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
-            noise = torch.empty_like(probs).exponential_(generator=generators[i] or default_generator)
-            tokens[i] = (probs / noise).argmax()
+    random = [i for i, p in enumerate(params) if not p.greedy]
+    if not random:
+        return tokens
+    device = logits.device
+    rows = torch.tensor(random, device=device)
+    picked = [params[i] for i in random]
+    scaled = logits[rows] / torch.tensor([p.temperature for p in picked], device=device)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in picked):
+        top_k = torch.tensor([max(p.top_k, 0) for p in picked], device=device)
+        scaled = _apply_top_k_top_p(scaled, top_k, torch.tensor([p.top_p for p in picked], device=device))
+    probs = scaled.softmax(-1)
+    noise = torch.empty_like(probs)
+    seeded = [j for j, i in enumerate(random) if generators[i] is not None]
+    if len(seeded) < len(random):
+        noise.exponential_(generator=default_generator)
+    for j in seeded:
+        noise[j].exponential_(generator=generators[random[j]])
+    tokens[rows] = (probs / noise).argmax(-1)
     return tokens
 
 
