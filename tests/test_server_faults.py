@@ -210,5 +210,7 @@ def test_a_large_body_does_not_stall_streams_or_health(builtin_server: str) -> N
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
     assert chunk_times[0] < start and chunk_times[-1] > end, "the stream must span the large request"
     gaps = [b - a for a, b in itertools.pairwise(chunk_times[1:])]  # after the first token
-    assert max(gaps) < 0.25, f"largest gap between chunks {max(gaps):.3f} s"
-    assert max(health_times) < 0.25, f"slowest /health {max(health_times):.3f} s"
+    # what this guards against lasts seconds (tokenizing the 10.5 MB prompt, which its length alone refuses, takes
+    # 6 s here); on the 2-core CI machine the server, its engine process and this one contend: gaps of 0.2-0.4 s
+    assert max(gaps) < 0.6, f"largest gap between chunks {max(gaps):.3f} s"
+    assert max(health_times) < 0.6, f"slowest /health {max(health_times):.3f} s"
