@@ -53,6 +53,8 @@ def test_a_few_training_steps_give_a_checkpoint_the_engine_serves_as_transformer
                  num_key_value_heads=2)  # fmt: skip
     report = train(args, small)
     assert report["steps"] == 12 and report["last_loss"] < report["first_loss"]
+    shares = report["expert_shares"]  # the last step's, of every MoE layer (the balancing loss sees them all)
+    assert len(shares) == 3 and all(len(s) == 8 and abs(sum(s) - 1) < 1e-6 for s in shares)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tmp_path.iterdir()}
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=256)
     tokenizer = llm.get_tokenizer()

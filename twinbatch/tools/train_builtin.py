@@ -83,8 +83,36 @@ def build_model(tokenizer: Any, overrides: dict[str, Any] | None = None) -> Any:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+class RouterBalance:
+    """The switch-transformer load-balancing loss, which transformers' DeepSeek-V2 does not compute: for each MoE
+    layer, experts x sum over experts of (share of the token slots routed to it) x (its mean router probability).
+    1 when balanced. Without it the routers may send nearly everything to a few experts, and the checkpoint would
+    leave some experts, and under expert parallelism some ranks, without traffic. Also keeps each expert's share
+    of the slots, last step's, for the report."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.shares: list[list[float]] = []
+        for module in model.modules():
+            if type(module).__name__ == "DeepseekV2TopkRouter":
+                module.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> None:
+        logits, _, indices = out
+        experts = logits.shape[-1]
+        share = torch.bincount(indices.flatten(), minlength=experts).float() / indices.numel()
+        self.losses.append(experts * (share * logits.float().softmax(-1).mean(0)).sum())
+        self.shares.append(share.tolist())
+
+    def take(self) -> torch.Tensor:
+        """The mean over layers of this step's losses; forgets them."""
+        loss = torch.stack(self.losses).mean()
+        self.losses, self.shares = [], self.shares[-len(self.losses) :]
+        return loss
+
+
 def train(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """-> a report: steps, tokens, seconds, first and last losses."""
+    """-> a report: steps, tokens, seconds, first and last losses, each MoE layer's expert shares at the end."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -93,6 +121,7 @@ def train(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
     model = build_model(tokenizer, overrides).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = batches(tokenizer, args.batch_size, args.seq_len)
+    balance = RouterBalance(model)
     start, losses, step = time.monotonic(), [], 0
     while step < args.max_steps and time.monotonic() - start < 60 * args.minutes:
         # warm-up, then a cosine to zero over the steps or the minutes, whichever runs out first
@@ -104,7 +133,7 @@ def train(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=rows, labels=rows).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.balance_coef * balance.take()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
@@ -115,7 +144,8 @@ def train(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     report = {"steps": step, "tokens": step * args.batch_size * args.seq_len, "seconds": time.monotonic() - start,
-              "first_loss": losses[0], "last_loss": losses[-1], "args": vars(args) | {"out": str(out)}}  # fmt: skip
+              "first_loss": losses[0], "last_loss": losses[-1], "expert_shares": balance.shares,
+              "args": vars(args) | {"out": str(out)}}  # fmt: skip
     (out / "training.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -146,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer-docs", type=int, default=20_000, help="training problems the tokenizer learns from")
+    p.add_argument("--balance-coef", type=float, default=0.01, help="weight of the routers' load-balancing loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-problems", type=int, default=100, help="held-out problems to score at the end (0: none)")
